@@ -1,0 +1,38 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Both run `make setup` first.
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.setup-stamp
+APT_PKGS := wordnet-base dataset-fashion-mnist
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup demo test bench clean-cache
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml requirements/dev.txt requirements/nodeps.txt
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  missing=""; for p in $(APT_PKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	  if [ -n "$$missing" ]; then echo "apt-get install$$missing"; \
+	    (apt-get install -y -q $$missing || (apt-get update -q && apt-get install -y -q $$missing)) >/dev/null; fi; \
+	else echo "not root or no apt-get: install Debian packages $(APT_PKGS) yourself for WordNet and Fashion-MNIST"; fi
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV) || python3 -m venv $(VENV)
+	$(BIN)/pip install -q -r requirements/dev.txt
+	$(BIN)/pip install -q -c requirements/dev.txt -e .
+	$(BIN)/pip install -q --no-deps -r requirements/nodeps.txt
+	@touch $(STAMP)
+
+demo: setup
+	$(BIN)/conceptlens demo --report out/demo
+
+test: setup
+	$(BIN)/python -m pytest tests
+
+bench: setup
+	$(BIN)/python benchmarks/run_all.py
+
+clean-cache:
+	rm -rf $${CONCEPTLENS_CACHE:-$$HOME/.cache/conceptlens}
