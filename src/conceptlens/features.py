@@ -44,7 +44,7 @@ class Features:
     cache_hit: bool = False
 
     def tensor(self, normalize: bool = False) -> torch.Tensor:
-        t = torch.from_numpy(np.ascontiguousarray(self.X, dtype=np.float32))
+        t = torch.from_numpy(np.array(self.X, dtype=np.float32))
         return torch.nn.functional.normalize(t, dim=-1) if normalize else t
 
 

