@@ -80,10 +80,10 @@ def metrics(scores: torch.Tensor | np.ndarray, labels: torch.Tensor | np.ndarray
     labels = torch.as_tensor(labels).long()
     n_cls = scores.shape[1]
     top = scores.topk(min(5, n_cls), dim=1).indices
-    acc1 = (top[:, 0] == labels).float().mean().item()
-    acc5 = (top == labels[:, None]).any(1).float().mean().item() if n_cls >= 5 else float("nan")
+    acc1 = (top[:, 0] == labels).double().mean().item()
+    acc5 = (top == labels[:, None]).any(1).double().mean().item() if n_cls >= 5 else float("nan")
     pred = top[:, 0]
-    recalls = [(pred[labels == c] == c).float().mean().item() for c in labels.unique().tolist()]
+    recalls = [(pred[labels == c] == c).double().mean().item() for c in labels.unique().tolist()]
     return {"acc1": acc1, "acc5": acc5, "mean_per_class_recall": float(np.mean(recalls))}
 
 

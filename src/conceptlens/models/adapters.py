@@ -70,16 +70,18 @@ class HFModel(Encoder):
     kind = "vision-language"
 
     def __init__(self, repo: str):
-        from transformers import AutoModel, AutoProcessor
+        from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
         self.name = f"hf:{repo}"
         try:
             self.model = AutoModel.from_pretrained(repo, local_files_only=True).eval()
         except OSError as exc:
             raise not_cached(self.name, exc) from None
+        self.tokenizer = self.image_processor = None
         try:
-            self.processor = AutoProcessor.from_pretrained(repo, local_files_only=True)
-        except (OSError, ValueError, TypeError):
-            self.processor = None
+            self.tokenizer = AutoTokenizer.from_pretrained(repo, local_files_only=True)
+            self.image_processor = AutoImageProcessor.from_pretrained(repo, local_files_only=True)
+        except (OSError, ValueError, TypeError, KeyError):
+            pass
         if not hasattr(self.model, "get_image_features"):
             raise ConceptlensError(f"{self.name} is a {type(self.model).__name__}, not a CLIP/SigLIP model")
         self.preprocess = self._transform()
@@ -89,7 +91,7 @@ class HFModel(Encoder):
     def _transform(self) -> T.Compose:
         """The image processor's resize / crop / normalise as a torchvision pipeline."""
         vc = self.model.config.vision_config
-        ip = getattr(self.processor, "image_processor", None)
+        ip = self.image_processor
         mean = getattr(ip, "image_mean", None) or [0.48145466, 0.4578275, 0.40821073]
         std = getattr(ip, "image_std", None) or [0.26862954, 0.26130258, 0.27577711]
         size = vc.image_size
@@ -110,12 +112,10 @@ class HFModel(Encoder):
 
     @torch.inference_mode()
     def encode_text(self, texts) -> torch.Tensor:
-        tok = self.processor.tokenizer if self.processor is not None and hasattr(self.processor, "tokenizer") \
-            else self.processor
-        if tok is None:
+        if self.tokenizer is None:
             raise ConceptlensError(f"{self.name} has no tokenizer files")
         padding = "max_length" if "siglip" in type(self.model).__name__.lower() else True
-        enc = tok(list(texts), padding=padding, truncation=True, return_tensors="pt")
+        enc = self.tokenizer(list(texts), padding=padding, truncation=True, return_tensors="pt")
         return self._tensor(self.model.get_text_features(**enc)).float()
 
 
