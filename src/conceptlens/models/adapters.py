@@ -55,11 +55,11 @@ class OpenCLIPModel(Encoder):
     def modules(self):
         return [self.model]
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def encode_image(self, images) -> torch.Tensor:
         return self.model.encode_image(self._as_batch(images)).float()
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def encode_text(self, texts) -> torch.Tensor:
         return self.model.encode_text(self.tokenizer(list(texts))).float()
 
@@ -106,11 +106,11 @@ class HFModel(Encoder):
         # transformers 5 may return a model output object instead of a tensor
         return out if isinstance(out, torch.Tensor) else out.pooler_output
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def encode_image(self, images) -> torch.Tensor:
         return self._tensor(self.model.get_image_features(pixel_values=self._as_batch(images))).float()
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def encode_text(self, texts) -> torch.Tensor:
         if self.tokenizer is None:
             raise ConceptlensError(f"{self.name} has no tokenizer files")

@@ -126,6 +126,6 @@ class VisionTower(Encoder):
             feats = feats.mean(dim=1)
         return feats.flatten(1)
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def encode_image(self, images) -> torch.Tensor:
         return self.features(self._as_batch(images)).float()

@@ -117,7 +117,7 @@ class SentenceEncoder(Encoder):
     def modules(self):
         return [self.st]
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def encode_text(self, texts, batch_size: int = 256) -> torch.Tensor:
         texts = list(texts)
         if not texts:

@@ -71,7 +71,7 @@ class LiteCLIP(Encoder):
     def features(self, batch):
         return self.vision.features(batch)
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def encode_text(self, texts) -> torch.Tensor:
         e = self.text.encode_text(texts)
         return text_to_image_space(e, self.keys, self.node_of, self.nodes, self.topk, self.temperature)
