@@ -1,0 +1,32 @@
+"""Shared helpers for benchmarks: results folder, machine description, table printing."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from conceptlens.report import table_text  # noqa: E402
+from conceptlens.utils import atomic_write_json, shared_dir  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def machine() -> dict:
+    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "torch": torch.__version__, "threads": torch.get_num_threads(), "device": "cpu"}
+
+
+def save(name: str, obj: dict) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    atomic_write_json(path, obj | {"machine": machine()})
+    print(f"wrote {path}")
+    return path
+
+
+__all__ = ["RESULTS", "machine", "save", "shared_dir", "table_text", "json"]

@@ -1,0 +1,10 @@
+"""`make bench`: every benchmark in turn; each prints a table and writes benchmarks/results/NAME.json."""
+import runpy
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+for name in ("zeroshot_accuracy", "embed_speed", "embed_memory"):
+    print(f"\n=== {name} ===")
+    runpy.run_path(str(HERE / f"{name}.py"), run_name="__main__")
