@@ -63,7 +63,7 @@ def test_sigkill_resume_is_exact(tmp_path):
     env = dict(os.environ, CONCEPTLENS_QUIET="1")
     proc = subprocess.Popen([sys.executable, "-c", RESUME, TINY, str(data)], env=env)
     cache = os.environ["CONCEPTLENS_CACHE"]
-    deadline = time.time() + 120
+    deadline = time.time() + 300
     state = None
     while time.time() < deadline:
         states = [os.path.join(r, "state.npy") for r, _, fs in os.walk(cache) if "state.npy" in fs]

@@ -92,9 +92,9 @@ def split_preprocess(preprocess) -> tuple[Callable, Callable | None]:
 class ImageBatcher:
     """Decode + preprocess images of one shard in a thread pool, yielding fixed-boundary batches."""
 
-    def __init__(self, preprocess, batch_size: int, workers: int = 2):
+    def __init__(self, preprocess, batch_size: int, workers: int = 2, ahead: int = 2):
         self.per_image, self.per_batch = split_preprocess(preprocess)
-        self.batch_size = batch_size
+        self.batch_size, self.ahead = batch_size, ahead
         self.pool = ThreadPoolExecutor(max_workers=workers)
 
     def _load(self, shard: Shard):
@@ -108,13 +108,21 @@ class ImageBatcher:
         chunks = {}
         for pos in todo:
             chunks.setdefault(pos // self.batch_size, []).append(pos)
-        # Sub-shards of one batch each, prepared ahead in threads (PIL releases the GIL while decoding).
-        futures = [(c, self.pool.submit(self._load, Shard(shard.kind, shard.source,
-                                                             tuple(shard.items[p] for p in chunks[c]))))
-                   for c in sorted(chunks)]
-        for c, fut in futures:
+        # Sub-shards of one batch each, prepared `ahead` batches early in threads (PIL releases the GIL
+        # while decoding); the window bounds memory to a few decoded batches.
+        order, futures = sorted(chunks), {}
+
+        def submit(c: int) -> None:
+            futures[c] = self.pool.submit(self._load, Shard(shard.kind, shard.source,
+                                                            tuple(shard.items[p] for p in chunks[c])))
+
+        for c in order[:self.ahead]:
+            submit(c)
+        for i, c in enumerate(order):
+            if i + self.ahead < len(order):
+                submit(order[i + self.ahead])
             positions = chunks[c]
-            loaded = sorted(fut.result(), key=lambda r: r[0])
+            loaded = sorted(futures.pop(c).result(), key=lambda r: r[0])
             ok = [(positions[i], arr) for i, arr, err in loaded if arr is not None]
             errs = [(positions[i], err) for i, arr, err in loaded if arr is None]
             if ok:
