@@ -58,14 +58,15 @@ def _many(tmp_path, n=400):
     return tmp_path / "many"
 
 
-def test_sigkill_resume_is_exact(tmp_path):
+def test_sigkill_resume_is_exact(tmp_path, monkeypatch):
     data = _many(tmp_path)
+    cache = str(tmp_path / "cache")  # a cache of its own, so only this run's state file is there
+    monkeypatch.setenv("CONCEPTLENS_CACHE", cache)
     env = dict(os.environ, CONCEPTLENS_QUIET="1")
     proc = subprocess.Popen([sys.executable, "-c", RESUME, TINY, str(data)], env=env)
-    cache = os.environ["CONCEPTLENS_CACHE"]
     deadline = time.time() + 300
     state = None
-    while time.time() < deadline:
+    while time.time() < deadline and proc.poll() is None:
         states = [os.path.join(r, "state.npy") for r, _, fs in os.walk(cache) if "state.npy" in fs]
         if states:
             try:
@@ -75,7 +76,7 @@ def test_sigkill_resume_is_exact(tmp_path):
                     break
             except (ValueError, OSError):
                 pass
-        time.sleep(0.05)
+        time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     if state is None:
