@@ -32,7 +32,7 @@ def main() -> dict:
         t = time.time()
         feats = embed(model, load_dataset(path))
         res = zeroshot.evaluate(model, feats, templates="openai")
-        scores = res.pop("_scores")
+        res.pop("_scores")
         res.pop("templates")
         res["seconds"] = round(time.time() - t, 1)
         out["results"][name] = res

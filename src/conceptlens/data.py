@@ -12,7 +12,6 @@ import io
 import json
 import os
 import tarfile
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -191,7 +190,6 @@ def _beside(root: Path) -> Path | None:
 
 def _apply_class_file(path: Path, ds: ImageDataset, folder_ids: list[str] | None = None) -> list[str]:
     names, ids = read_class_file(path)
-    folder_ids = folder_ids if folder_ids is not None else getattr(ds, "_folder_ids", None)
     if ids is not None and folder_ids is not None:
         lookup = dict(zip(ids, names))
         missing = [f for f in folder_ids if f not in lookup]
@@ -444,7 +442,3 @@ def _named(name: str) -> ImageDataset:
     return ImageDataset(name.replace(":", "_"), shards, list(keys), np.asarray(arr.labels, dtype=np.int64),
                         list(arr.classnames), ident, name)
 
-
-def warn_skipped(skipped: Sequence[str]) -> None:
-    for s in skipped:
-        warnings.warn(f"skipped unreadable image {s}", stacklevel=2)
