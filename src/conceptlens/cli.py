@@ -55,6 +55,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int)
     _add_embed_opts(p)
     p.add_argument("--output")
+    p = sub.add_parser("align", help="fit a linear map from one model's features into another's (text-to-concept)")
+    p.add_argument("--source", required=True, help="model to align, e.g. builtin:mobilenetv2")
+    p.add_argument("--target", required=True, help="space to align into, e.g. builtin:lite-clip")
+    p.add_argument("--layer", help="named layer of the source model")
+    _add_data(p)
+    _add_embed_opts(p)
+    p.add_argument("--method", default="ridge", choices=["ridge", "procrustes", "sgd"])
+    p.add_argument("--holdout", type=float, default=0.2, help="held-out fraction for the reported metrics")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="aligner file (.safetensors)")
     p = sub.add_parser("demo", help="zero-shot demo with the embedded model, HTML report")
     p.add_argument("--model", default="builtin:lite-clip")
     p.add_argument("--templates", default="openai")
@@ -143,6 +153,24 @@ def run(a) -> int:
                           [fte.dataset, model.name, f"{m['acc1']:.4f}", f"{m['acc5']:.4f}",
                            f"{m['mean_per_class_recall']:.4f}", f"{probe.weight_decay_:.2e}"]]))
         _write_json(a.output, res)
+    elif a.cmd == "align":
+        from .align import fit
+        from .data import load_dataset
+        from .models import load_model
+        ds = load_dataset(a.data, classes=a.classes, limit=a.limit)
+        al, meta = fit(load_model(a.source, layer=a.layer), a.target, ds, method=a.method, holdout=a.holdout,
+                       seed=a.seed, **_embed_kwargs(a))
+        try:
+            al.save(Path(a.out), meta | {"command": "conceptlens " + " ".join(sys.argv[1:])})
+        except OSError as exc:
+            raise ConceptlensError(f"cannot write {a.out}: {exc.strerror}") from None
+        m = al.metrics_
+        rows = [["source", "target", "method", "held-out R2", "cosine", "zero-shot agreement", "aligned acc1", "target acc1"],
+                [meta["source"], meta["target"], a.method, f"{m['r2']:.4f}", f"{m['cosine']:.4f}",
+                 *(f"{m[k]:.4f}" if k in m else "-" for k in ("zeroshot_top1_agreement", "aligned_zeroshot_acc1",
+                                                              "target_zeroshot_acc1"))]]
+        print(table_text(rows))
+        print(f"wrote {a.out}")
     elif a.cmd == "demo":
         from .demo import run as demo
         demo(Path(a.report), a.model, a.templates)

@@ -442,3 +442,17 @@ def _named(name: str) -> ImageDataset:
     return ImageDataset(name.replace(":", "_"), shards, list(keys), np.asarray(arr.labels, dtype=np.int64),
                         list(arr.classnames), ident, name)
 
+
+
+# ----------------------------------------------------------------------------------------- image-caption pairs
+def read_flickr8k(root: Path) -> tuple[list[tuple[str, str]], dict[str, str]]:
+    """Flickr8k's (image file, caption) pairs and its official split (image file -> train/dev/test)."""
+    root = Path(root)
+    for name in ("captions.tsv", "splits.tsv"):
+        if not (root / name).exists():
+            raise ConceptlensError(f"Flickr8k {name} not found under {root}")
+    with open(root / "captions.tsv", newline="") as f:
+        pairs = [(r["image"], r["caption"].strip()) for r in csv.DictReader(f, delimiter="\t") if r["caption"].strip()]
+    with open(root / "splits.tsv", newline="") as f:
+        split = {r["image"]: r["split"] for r in csv.DictReader(f, delimiter="\t")}
+    return pairs, split

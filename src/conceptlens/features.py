@@ -8,6 +8,7 @@ presence marks a complete entry.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -15,7 +16,7 @@ import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -137,7 +138,7 @@ class ImageBatcher:
 
 
 def cache_key(model: Encoder, dataset: ImageDataset, precision: str) -> str:
-    return digest([model.name, model.fingerprint, model.preprocess_id(), model.layer, precision, dataset.identity,
+    return digest([model.name, model.image_fingerprint, model.preprocess_id(), model.layer, precision, dataset.identity,
                    dataset.keys[:1], len(dataset)])
 
 
@@ -161,6 +162,10 @@ def embed(model: Encoder, dataset: ImageDataset, batch_size: int = 64, precision
     """Embed every image of `dataset` with `model`'s image tower, through the cache."""
     if not model.has_image:
         raise ConceptlensError(f"{model.name} has no image tower")
+    aligner = getattr(model, "aligner", None)
+    if aligner is not None:  # aligned models reuse their base model's cache and map rows on the way out
+        base = embed(model.base, dataset, batch_size, precision, use_cache, strict, show_progress)
+        return dataclasses.replace(base, X=aligner.transform(base.X), model=model.name)
     precision = resolve_precision(precision)
     key = cache_key(model, dataset, precision)
     root = cache_dir("features") / key if use_cache else Path(os.environ.get("TMPDIR", "/tmp")) / f"conceptlens-{key}"
@@ -239,3 +244,19 @@ def _load(root: Path, meta: dict, dataset: ImageDataset, model: Encoder, hit: bo
         warnings.warn(f"{len(skipped)} unreadable images were skipped in {dataset.name} (see the JSON report)",
                       stacklevel=3)
     return Features(X, labels, keys, dataset.classnames, skipped, model.name, dataset.name, root, hit)
+
+
+def embed_texts(model: Encoder, texts: Sequence[str], batch_size: int = 512, use_cache: bool = True) -> torch.Tensor:
+    """Text embeddings [N, D] through the cache (caption banks are embedded once per model)."""
+    texts = list(texts)
+    path = cache_dir("text") / f"{digest([model.name, model.fingerprint, texts])}.npy"
+    if use_cache and path.exists():
+        return torch.from_numpy(np.load(path))
+    out = torch.cat([model.encode_text(texts[i:i + batch_size]).float()
+                     for i in progress(range(0, len(texts), batch_size), desc=f"embed texts [{model.name}]",
+                                       unit="batch", leave=False)]) if texts else torch.zeros(0, model.embed_dim)
+    if use_cache:
+        tmp = path.with_suffix(".tmp.npy")
+        np.save(tmp, out.numpy())
+        tmp.replace(path)
+    return out

