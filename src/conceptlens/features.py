@@ -44,6 +44,10 @@ class Features:
     path: Path | None = None
     cache_hit: bool = False
 
+    @property
+    def labelled_ok(self) -> bool:
+        return self.classnames is not None and len(self.labels) > 0 and bool((self.labels >= 0).all())
+
     def tensor(self, normalize: bool = False) -> torch.Tensor:
         t = torch.from_numpy(np.array(self.X, dtype=np.float32))
         return torch.nn.functional.normalize(t, dim=-1) if normalize else t

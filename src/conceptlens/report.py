@@ -88,3 +88,23 @@ def table_text(rows: list[list]) -> str:
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
+
+
+def image_cards(images, titles: Sequence[str], captions: Sequence[str] | None = None) -> list[dict]:
+    """Report cards (thumbnail + title + one line) for a ranked image grid."""
+    return [{"thumb": thumb_b64(im), "title": t, "truth": (captions[i] if captions else None), "preds": []}
+            for i, (im, t) in enumerate(zip(images, titles)) if im is not None]
+
+
+def bar_figure(labels: Sequence[str], values: Sequence[float], title: str = "", xlabel: str = ""):
+    """Horizontal bar chart, largest on top."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 0.3 * len(labels) + 1))
+    y = np.arange(len(labels))[::-1]
+    ax.barh(y, values, color=["#4c78a8" if v >= 0 else "#e45756" for v in values])
+    ax.set_yticks(y, labels, fontsize=8)
+    ax.set_xlabel(xlabel)
+    ax.set_title(title)
+    return fig

@@ -56,7 +56,7 @@ def flickr8k_views(root: Path, low_res: int, show_progress: bool = True):
     missing = sorted({img for img, _ in pairs} - set(row))
     if missing:
         raise ConceptlensError(f"Flickr8k images missing or unreadable: {missing[:3]} ({len(missing)} in all)")
-    return ds, torch.from_numpy(np.asarray(hi.X)), torch.from_numpy(np.asarray(lo.X)), pairs, split, row
+    return ds, torch.from_numpy(np.array(hi.X)), torch.from_numpy(np.array(lo.X)), pairs, split, row
 
 
 def split_pairs(pairs, split, row, which: str) -> tuple[np.ndarray, list[str], np.ndarray]:

@@ -1,0 +1,68 @@
+"""Concept-to-text (Text-to-Concept §6, with DeCap's support-memory projection; Li et al., ICLR 2023):
+turn a vector of a vision-language space (or of any space, through its aligner) into captions and words.
+
+The caption bank is embedded once with the model's text tower and cached. A query vector v is first
+projected onto the caption memory M (rows normalised): v' = normalise(softmax(M v / τ)ᵀ M), which moves
+an image-side vector across the modality gap into the span of real caption embeddings; the captions
+nearest v' are returned with the words they share.
+"""
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .concepts import STOP, caption_bank
+from .errors import ConceptlensError
+
+
+@dataclass
+class CaptionMemory:
+    captions: list[str]
+    emb: torch.Tensor  # [N, D], rows normalised
+
+    @classmethod
+    def build(cls, model, banks: Sequence[str] = ("coco", "flickr8k", "cc3m"), limit: int | None = None
+              ) -> "CaptionMemory":
+        """Embed (once; cached) the caption banks with `model`'s text tower."""
+        from .features import embed_texts
+        caps = caption_bank(banks, limit=limit)
+        return cls(caps, F.normalize(embed_texts(model, caps), dim=-1))
+
+    def project(self, v: torch.Tensor, temperature: float = 0.01) -> torch.Tensor:
+        """DeCap's projection of vectors [B, D] onto the memory."""
+        w = torch.softmax(F.normalize(v, dim=-1) @ self.emb.T / temperature, dim=-1)
+        return F.normalize(w @ self.emb, dim=-1)
+
+    def decode(self, v, k: int = 5, project: bool = True, temperature: float = 0.01) -> list[dict]:
+        """For each vector: its top-k captions with cosines and the words they share."""
+        v = torch.as_tensor(np.asarray(v, np.float32))
+        if v.ndim == 1:
+            v = v[None]
+        if v.shape[1] != self.emb.shape[1]:
+            raise ConceptlensError(f"vector has {v.shape[1]} dims; the caption memory has {self.emb.shape[1]}")
+        if not torch.isfinite(v).all():
+            raise ConceptlensError("vector contains NaN or inf")
+        q = self.project(v, temperature) if project else F.normalize(v, dim=-1)
+        sims, idx = (q @ self.emb.T).topk(min(k, len(self.captions)), dim=1)
+        out = []
+        for s_row, i_row in zip(sims.tolist(), idx.tolist()):
+            caps = [self.captions[i] for i in i_row]
+            out.append({"captions": [{"caption": c, "score": s} for c, s in zip(caps, s_row)],
+                        "shared_words": shared_words(caps)})
+        return out
+
+
+def shared_words(captions: Sequence[str], min_count: int = 2) -> list[str]:
+    """Content words (WordNet-lemmatised) appearing in at least `min_count` of the captions, most common first."""
+    from .wordnet import lemmatize
+    counts: Counter = Counter()
+    for c in captions:
+        words = {lemmatize(w, "n") or w for w in re.findall(r"[a-z]+", c.lower()) if len(w) > 2 and w not in STOP}
+        counts.update(words)
+    return [w for w, n in counts.most_common() if n >= min_count]

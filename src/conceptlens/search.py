@@ -1,0 +1,178 @@
+"""Concept-logic image search (Text-to-Concept §5): "horse & sketch & !grass" over image embeddings.
+
+Each concept j is a text embedding t_j (template ensemble); image i passes "+j" when its cosine
+s_ij > mean_j + k_j·std_j and "!j" when s_ij < mean_j − k_j·std_j (the reference's thresholds; defaults
+k = 1 for +, 0 for !; write "horse:2" to set k). Images passing are ranked by Σ ±(s_ij − mean_j)/std_j.
+The statistics are exact for any collection size from its mean vector and covariance (mean_j = m·t_j,
+std_j² = t_jᵀ C t_j), and the ranking score is one inner product with q = Σ ±t_j/std_j, so a FAISS index
+answers the query: flat (exact) for small collections, IVF for large ones; candidates come from the index
+in growing batches and are checked against every constraint exactly.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .errors import ConceptlensError
+
+TOKEN = re.compile(r"\s*(?:(?P<op>[&|!()])|(?P<term>[A-Za-z][A-Za-z0-9 '\-]*?)(?::(?P<k>-?\d+(?:\.\d+)?))?(?=\s*(?:[&|)]|$)))")
+
+
+@dataclass(frozen=True)
+class Term:
+    text: str
+    k: float | None = None
+
+
+def parse(query: str):
+    """Parse AND (&), OR (|), NOT (!), parentheses and `word:k` into a tree of tuples; errors say where."""
+    pos, toks = 0, []
+    query = query.strip()
+    while pos < len(query):
+        m = TOKEN.match(query, pos)
+        if not m or m.end() == pos:
+            raise ConceptlensError(f"cannot parse query at {query[pos:]!r} (use words with &, |, !, ( ) and word:k)")
+        toks.append(("op", m["op"]) if m["op"] else ("term", Term(m["term"].strip(), float(m["k"]) if m["k"] else None)))
+        pos = m.end()
+    if not toks:
+        raise ConceptlensError("empty query")
+    i = 0
+
+    def peek():
+        return toks[i] if i < len(toks) else (None, None)
+
+    def expr():
+        nonlocal i
+        node = conj()
+        while peek() == ("op", "|"):
+            i += 1
+            node = ("or", node, conj())
+        return node
+
+    def conj():
+        nonlocal i
+        node = unary()
+        while peek() == ("op", "&"):
+            i += 1
+            node = ("and", node, unary())
+        return node
+
+    def unary():
+        nonlocal i
+        kind, val = peek()
+        if (kind, val) == ("op", "!"):
+            i += 1
+            return ("not", unary())
+        if (kind, val) == ("op", "("):
+            i += 1
+            node = expr()
+            if peek() != ("op", ")"):
+                raise ConceptlensError(f"unbalanced parenthesis in {query!r}")
+            i += 1
+            return node
+        if kind == "term":
+            i += 1
+            return ("term", val)
+        raise ConceptlensError(f"unexpected {val!r} in {query!r}")
+
+    tree = expr()
+    if i != len(toks):
+        raise ConceptlensError(f"unexpected {toks[i][1]!r} in {query!r}")
+    return tree
+
+
+def terms_of(tree, negated: bool = False) -> list[tuple[Term, bool]]:
+    """Every concept with whether it appears under an odd number of NOTs."""
+    if tree[0] == "term":
+        return [(tree[1], negated)]
+    if tree[0] == "not":
+        return terms_of(tree[1], not negated)
+    return terms_of(tree[1], negated) + terms_of(tree[2], negated)
+
+
+class ConceptIndex:
+    """Image embeddings (rows L2-normalised) + their mean and covariance + a FAISS inner-product index."""
+
+    def __init__(self, embeddings, exact_below: int = 200_000, nlist: int | None = None, nprobe: int = 32):
+        import faiss
+        X = np.ascontiguousarray(np.asarray(embeddings, dtype=np.float32))
+        if X.ndim != 2 or not len(X):
+            raise ConceptlensError("search needs a non-empty [n, d] embedding matrix")
+        if not np.isfinite(X).all():
+            raise ConceptlensError("embeddings contain NaN or inf")
+        X /= np.linalg.norm(X, axis=1, keepdims=True) + 1e-12
+        self.X, (n, d) = X, X.shape
+        self.mean = X.mean(0, dtype=np.float64)
+        self.cov = np.cov(X, rowvar=False, dtype=np.float64) if n > 1 else np.zeros((d, d))
+        if n < exact_below:
+            self.index = faiss.IndexFlatIP(d)
+        else:
+            nlist = nlist or int(4 * np.sqrt(n))
+            quant = faiss.IndexFlatIP(d)
+            self.index = faiss.IndexIVFFlat(quant, d, nlist, faiss.METRIC_INNER_PRODUCT)
+            sample = X[np.random.default_rng(0).choice(n, min(n, 40 * nlist), replace=False)]
+            self.index.train(sample)
+            self.index.nprobe = nprobe
+        self.index.add(X)
+        self.exact = n < exact_below
+
+    def query(self, tree, text_emb: dict[str, np.ndarray], k: int = 20, k_pos: float = 1.0,
+              k_neg: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k image rows passing the query, best first, and their scores."""
+        terms = terms_of(tree)
+        stats = {}
+        for term, neg in terms:
+            t = np.asarray(text_emb[term.text], np.float64)
+            t = t / (np.linalg.norm(t) + 1e-12)
+            mu, sd = float(self.mean @ t), float(np.sqrt(max(t @ self.cov @ t, 1e-12)))
+            kk = term.k if term.k is not None else (k_neg if neg else k_pos)
+            stats[(term.text, neg)] = (t, mu, sd, mu - kk * sd if neg else mu + kk * sd)
+        q = sum((-1 if neg else 1) * st[0] / st[2] for (_, neg), st in stats.items()).astype(np.float32)
+        n, want, rows, scores = len(self.X), max(4 * k, 256), np.zeros(0, np.int64), np.zeros(0)
+        while True:
+            want = min(want, n)
+            _, idx = self.index.search(q[None], want)
+            idx = idx[0][idx[0] >= 0]
+            keep = idx[self._passes(tree, idx, stats)]
+            if len(keep) >= k or want >= n or (not self.exact and len(idx) < want):
+                rows = keep[:k]
+                break
+            want *= 4
+        const = sum((-1 if neg else 1) * st[1] / st[2] for (_, neg), st in stats.items())
+        scores = self.X[rows] @ q - const
+        return rows, scores
+
+    def _passes(self, tree, rows: np.ndarray, stats) -> np.ndarray:
+        sims = {}
+
+        def ev(node, neg=False):
+            if node[0] == "term":
+                t, _, _, thr = stats[(node[1].text, neg)]
+                key = (node[1].text, neg)
+                if key not in sims:
+                    sims[key] = self.X[rows] @ t.astype(np.float32)
+                return sims[key] < thr if neg else sims[key] > thr
+            if node[0] == "not":
+                return ev(node[1], not neg)
+            a, b = ev(node[1], neg), ev(node[2], neg)
+            # De Morgan: under a NOT, AND and OR swap (thresholds flip with the sign)
+            return (a & b) if (node[0] == "and") != neg else (a | b)
+        return ev(tree)
+
+
+def search(model, features, query: str, k: int = 20, templates=None, index: ConceptIndex | None = None,
+           k_pos: float = 1.0, k_neg: float = 0.0) -> dict:
+    """Run a concept-logic query over cached features of a vision-language (or aligned) model."""
+    from .zeroshot import build_classifier, load_templates
+    tree = parse(query)
+    words = sorted({t.text for t, _ in terms_of(tree)})
+    tmpl = load_templates(templates or ["a photo of a {c}.", "a picture of a {c}.", "an image of {c}."])
+    emb = build_classifier(model, words, tmpl)
+    text_emb = {w: emb[i].numpy() for i, w in enumerate(words)}
+    index = index or ConceptIndex(features.X)
+    rows, scores = index.query(tree, text_emb, k=k, k_pos=k_pos, k_neg=k_neg)
+    return {"query": query, "rows": rows.tolist(), "keys": [features.keys[r] for r in rows],
+            "scores": scores.tolist(), "labels": [int(features.labels[r]) for r in rows]}

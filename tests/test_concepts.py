@@ -1,0 +1,85 @@
+"""Concept search, shift diagnosis, CBM and decoding on synthetic data (real-data floors in test_text_to_concept)."""
+import numpy as np
+import pytest
+import torch
+
+from conceptlens.cli import main
+from conceptlens.concepts import ConceptBottleneck, diagnose
+from conceptlens.decode import CaptionMemory, shared_words
+from conceptlens.errors import ConceptlensError
+from conceptlens.search import ConceptIndex, parse, terms_of
+
+
+def brute_force(X, tree, emb, k, k_pos=1.0, k_neg=0.0):
+    X = X / np.linalg.norm(X, axis=1, keepdims=True)
+    st = {}
+    for term, neg in terms_of(tree):
+        t = emb[term.text] / np.linalg.norm(emb[term.text])
+        s = X @ t
+        kk = term.k if term.k is not None else (k_neg if neg else k_pos)
+        st[(term.text, neg)] = (s, s.mean(), s.std(), neg, kk)
+
+    def ev(node, neg=False):
+        if node[0] == "term":
+            s, mu, sd, _, kk = st[(node[1].text, neg)]
+            return s < mu - kk * sd if neg else s > mu + kk * sd
+        if node[0] == "not":
+            return ev(node[1], not neg)
+        a, b = ev(node[1], neg), ev(node[2], neg)
+        return (a & b) if (node[0] == "and") != neg else (a | b)
+    score = sum((-1 if neg else 1) * (s - mu) / sd for (s, mu, sd, neg, _) in st.values())
+    ok = np.flatnonzero(ev(tree))
+    return ok[np.argsort(-score[ok], kind="stable")][:k]
+
+
+@pytest.mark.parametrize("query", ["a & b", "a & !b", "(a | c:0.5) & !b:1", "!(a & b) & c"])
+def test_index_search_equals_brute_force(query):
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(5000, 32)).astype(np.float32)
+    emb = {w: rng.normal(size=32) for w in "abc"}
+    tree = parse(query)
+    rows, scores = ConceptIndex(X).query(tree, emb, k=20)
+    ref = brute_force(X.astype(np.float64), tree, emb, 20)
+    assert len(rows) > 0 and list(rows) == list(ref)
+    assert np.all(np.diff(scores) <= 1e-5)
+
+
+def test_query_syntax_errors_exit_2(capsys):
+    for bad in ["horse && sketch", "(horse", "horse & ", "h@rse"]:
+        with pytest.raises(ConceptlensError):
+            parse(bad)
+    assert main(["search", "--model", "builtin:lite-clip", "--data", "samples", "horse &&"]) == 2
+    assert "conceptlens: error:" in capsys.readouterr().err
+
+
+def test_diagnose_ranks_the_shifted_concept_first():
+    rng = np.random.default_rng(0)
+    A = rng.normal(size=(300, 5))
+    B = rng.normal(size=(300, 5))
+    B[:, 3] += 1.0
+    rows = diagnose(A, B, list("vwxyz"))
+    assert rows[0]["concept"] == "y" and rows[0]["q"] < 1e-10 and rows[0]["cohens_d"] > 0.7
+    assert all(r["q"] > 1e-3 for r in rows[1:])
+
+
+def test_cbm_is_sparse_and_accurate_on_separable_concepts():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 600)
+    A = rng.normal(size=(600, 40))
+    A[np.arange(600), y] += 3  # concept c fires for class c
+    cbm = ConceptBottleneck(max_concepts=5).fit(A[:400], y[:400], [f"c{i}" for i in range(40)])
+    assert max(cbm.nonzero_per_class()) <= 5
+    assert cbm.score(A[400:], y[400:]) > 0.9
+    assert cbm.top_concepts(["k0", "k1", "k2"])["k1"][0][0] == "c1"
+
+
+def test_caption_memory_decodes_its_own_captions():
+    from conceptlens.models.builtin import minilm
+    caps = ["a dog runs on the grass", "a red car parked on a street", "two children play on a beach",
+            "a plate of pasta with tomato sauce", "a man rides a horse in a field"]
+    mem = CaptionMemory(caps, torch.nn.functional.normalize(minilm().encode_text(caps), dim=-1))
+    out = mem.decode(mem.emb[[1, 4]].numpy(), k=2)
+    assert out[0]["captions"][0]["caption"] == caps[1] and out[1]["captions"][0]["caption"] == caps[4]
+    with pytest.raises(ConceptlensError, match="dims"):
+        mem.decode(np.zeros(7))
+    assert sorted(shared_words(["two dogs on grass", "a dog in the grass", "a cat"])) == ["dog", "grass"]
