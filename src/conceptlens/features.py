@@ -142,7 +142,7 @@ class ImageBatcher:
 
 
 def cache_key(model: Encoder, dataset: ImageDataset, precision: str) -> str:
-    return digest([model.name, model.image_fingerprint, model.preprocess_id(), model.layer, precision, dataset.identity,
+    return digest([model.image_model, model.image_fingerprint, model.preprocess_id(), model.layer, precision, dataset.identity,
                    dataset.keys[:1], len(dataset)])
 
 

@@ -60,6 +60,11 @@ class Encoder:
         """Hash of what image features depend on (the feature-cache key); models with text heads narrow it."""
         return self.fingerprint
 
+    @property
+    def image_model(self) -> str:
+        """Name of the model that computes the image features (shared caches for models with one image tower)."""
+        return self.name
+
     def preprocess_id(self) -> str:
         return repr(self.preprocess)
 

@@ -77,6 +77,10 @@ class LiteCLIP(Encoder):
     def image_fingerprint(self) -> str:
         return self.vision.fingerprint  # rebuilding the text head must not invalidate cached image features
 
+    @property
+    def image_model(self) -> str:
+        return self.vision.name  # the same features as builtin:efficientnet-lite0: one cache
+
     def encode_image(self, images) -> torch.Tensor:
         return self.vision.encode_image(images)
 

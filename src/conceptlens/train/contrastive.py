@@ -86,7 +86,7 @@ class HeadTrainer:
             opt.step()
             bar.update(1)
             if step % 50 == 0:
-                self.history_.append({"step": step, "loss": float(loss)})
-                bar.set_postfix(loss=f"{float(loss):.3f}")
+                self.history_.append({"step": step, "loss": loss.item()})
+                bar.set_postfix(loss=f"{loss.item():.3f}")
         bar.close()
         return logit_scale

@@ -1,0 +1,86 @@
+"""Diffusion classifier: parity with Li et al.'s loop on a tiny random pipeline, strategies, bad input; training resume."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conceptlens.diffusion.classifier import DiffusersModel, DiffusionClassifier, lowdisc_timesteps
+from conceptlens.errors import ConceptlensError
+from li_reference import eval_prob_adaptive
+
+
+def tiny_pipeline(tmp_path):
+    """A randomly initialised Stable-Diffusion-shaped pipeline, built from configs (no hub)."""
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64),
+                                layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32)
+    vae = AutoencoderKL(block_out_channels=(32, 64), in_channels=3, out_channels=3, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
+    chars = "abcdefghijklmnopqrstuvwxyz"
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, **{c: i + 2 for i, c in enumerate(chars)},
+             **{c + "</w>": i + 28 for i, c in enumerate(chars)}}
+    (tmp_path / "vocab.json").write_text(json.dumps(vocab))
+    (tmp_path / "merges.txt").write_text("#version: 0.2\n")
+    tok = CLIPTokenizer(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"), model_max_length=16)
+    text = CLIPTextModel(CLIPTextConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=37,
+                                        num_attention_heads=4, num_hidden_layers=2, max_position_embeddings=16,
+                                        bos_token_id=0, eos_token_id=1, pad_token_id=1))
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tok, unet=unet,
+                                   scheduler=DDPMScheduler(num_train_timesteps=1000), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    return DiffusersModel(pipe, "tiny-random")
+
+
+CLASSES = ["cat", "dog", "car", "ship", "frog", "horse"]
+
+
+def test_adaptive_matches_li_et_al_transcription(tmp_path):
+    model = tiny_pipeline(tmp_path)
+    clf = DiffusionClassifier(model, strategy="adaptive", to_keep=[3, 1], stage_samples=[4, 12], loss="l1",
+                              batch_size=7, seed=3)
+    image = torch.rand(3, 16, 16) * 2 - 1
+    cond = clf.prompt_embeddings(CLASSES, ["a photo of a {}"])
+    ours = clf.classify_one(image, cond, image_seed=5)
+    z0 = model.to_model_space(image[None])
+    g = torch.Generator().manual_seed(3 * 1_000_003 + 5)
+    noise = torch.randn((12, *z0.shape[1:]), generator=g)
+    pred, data, stages = eval_prob_adaptive(model.unet, z0, cond, model.scheduler, [4, 12], [3, 1], noise, loss="l1",
+                                            batch_size=5)
+    assert ours["stages"] == stages and ours["pred"] == pred
+    for c, d in data.items():
+        assert np.abs(np.asarray(ours["raw"][c]) - d["pred_errors"].numpy()).max() <= 1e-6
+    assert ours["evals"] == sum(len(d["pred_errors"]) for d in data.values())
+
+
+def test_strategies_agree_with_fixed_on_an_easy_case_and_count_evaluations(tmp_path):
+    model = tiny_pipeline(tmp_path)
+    image = torch.rand(3, 16, 16) * 2 - 1
+    fixed = DiffusionClassifier(model, strategy="fixed", n_samples=8).predict(image[None], CLASSES, ["{}"], False)[0]
+    assert fixed["evals"] == 8 * len(CLASSES)
+    halving = DiffusionClassifier(model, strategy="halving", budget=24).predict(image[None], CLASSES, ["{}"], False)[0]
+    assert halving["evals"] <= 24
+    tt = DiffusionClassifier(model, strategy="ttest", max_scores=30).predict(image[None], CLASSES, ["{}"], False)[0]
+    assert 0 <= tt["pred"] < len(CLASSES) and tt["evals"] <= 30 * len(CLASSES)
+    assert sorted(lowdisc_timesteps(8, 1000)) == sorted(set(lowdisc_timesteps(8, 1000)))
+
+
+def test_bad_input(tmp_path):
+    model = tiny_pipeline(tmp_path)
+    with pytest.raises(ConceptlensError, match="budget 3 is smaller"):
+        DiffusionClassifier(model, strategy="halving", budget=3).predict(torch.zeros(1, 3, 16, 16), CLASSES, ["{}"])
+    with pytest.raises(ConceptlensError, match="takes 16x16"):
+        DiffusionClassifier(model).predict(torch.zeros(1, 3, 32, 32), CLASSES, ["{}"])
+
+    class NoText:
+        unet = model.unet
+        scheduler = model.scheduler
+        text_encoder = None
+        tokenizer = None
+    with pytest.raises(ConceptlensError, match="no text"):
+        DiffusersModel(NoText(), "x")
+    with pytest.raises(ConceptlensError, match="not available offline"):
+        DiffusionClassifier("diffusers:someone/not-here")
