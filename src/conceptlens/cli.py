@@ -104,6 +104,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=int, default=5)
     p.add_argument("--output")
     _add_embed_opts(p)
+    p = sub.add_parser("diffusion-classify", help="zero-shot classification with a text-conditioned diffusion model")
+    p.add_argument("--model", default="builtin:tiny-diffusion-cifar10", help="builtin:tiny-diffusion-cifar10 or diffusers:REPO")
+    _add_data(p)
+    p.add_argument("--strategy", default="halving", choices=["fixed", "adaptive", "ttest", "halving"])
+    p.add_argument("--budget", type=int, help="denoiser evaluations per image (halving)")
+    p.add_argument("--n-samples", type=int, default=30, help="samples per class (fixed)")
+    p.add_argument("--preset", default="cifar10", help="adaptive schedule preset: cifar10 (keep 5,1; 50,500; L1)")
+    p.add_argument("--loss", choices=["l1", "l2"])
+    p.add_argument("--target", default="eps", choices=["eps", "x0"])
+    p.add_argument("--templates", help="file of prompt templates ({} marks the class); default: unseen ones")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output")
     p = sub.add_parser("demo", help="zero-shot demo with the embedded model, HTML report")
     p.add_argument("--model", default="builtin:lite-clip")
     p.add_argument("--templates", default="openai")
@@ -211,6 +224,26 @@ def run(a) -> int:
                                                               "target_zeroshot_acc1"))]]
         print(table_text(rows))
         print(f"wrote {a.out}")
+    elif a.cmd == "diffusion-classify":
+        from .data import load_dataset
+        from .diffusion.classifier import PRESETS, DiffusionClassifier, evaluate
+        from .zeroshot import load_templates
+        if a.preset not in PRESETS:
+            raise ConceptlensError(f"unknown preset {a.preset!r}: {', '.join(PRESETS)}")
+        pre = PRESETS[a.preset]
+        clf = DiffusionClassifier(a.model, strategy=a.strategy, loss=a.loss or (pre["loss"] if a.strategy == "adaptive" else "l2"),
+                                  target=a.target, n_samples=a.n_samples, to_keep=pre["to_keep"],
+                                  stage_samples=pre["n_samples"], budget=a.budget, precision=a.precision, seed=a.seed)
+        ds = load_dataset(a.data, classes=a.classes, limit=a.limit)
+        if a.budget is not None and ds.classnames and a.budget < len(ds.classnames):
+            raise ConceptlensError(f"budget {a.budget} is smaller than the number of classes ({len(ds.classnames)})")
+        tmpl = [t.replace("{c}", "{}") for t in load_templates(a.templates)] if a.templates else None
+        res = evaluate(clf, ds, tmpl)
+        m = res["metrics"]
+        print(table_text([["dataset", "model", "strategy", "images", "acc1", "evals/image", "s/image"],
+                          [res["dataset"], clf.model.name, a.strategy, res["n_images"], f"{m['acc1']:.4f}",
+                           f"{m['evals_per_image']:.0f}", f"{m['seconds_per_image']:.2f}"]]))
+        _write_json(a.output, res)
     elif a.cmd in ("cbm", "diagnose", "search", "decode"):
         return _text_to_concept(a)
     elif a.cmd == "demo":

@@ -91,7 +91,7 @@ def load_concepts(spec: str | None, classnames: Sequence[str] | None = None) -> 
 def concept_matrix(model, concepts: Sequence[str]) -> torch.Tensor:
     """[K, D] normalised template-ensemble text embeddings of the concepts."""
     from .zeroshot import build_classifier
-    return build_classifier(model, list(concepts), [t.replace("{c}", "{c}") for t in CONCEPT_TEMPLATES])
+    return build_classifier(model, list(concepts), CONCEPT_TEMPLATES)
 
 
 def activations(X, concept_emb: torch.Tensor) -> np.ndarray:

@@ -289,3 +289,52 @@ class DiffusionClassifier:
         return [self.classify_one(images[i], cond, seeds[i])
                 for i in progress(range(len(images)), desc=f"diffusion classify [{self.strategy}]", unit="img",
                                   disable=not show_progress or None)]
+
+
+def image_tensors(dataset, size: int) -> tuple[torch.Tensor, np.ndarray, list[str]]:
+    """Decode a dataset into [-1,1] tensors [N,3,size,size]; other sizes are an error, not a silent resize."""
+    from ..data import iter_shard
+    xs, keys, labels, pos = [], [], [], 0
+    for shard in dataset.shards:
+        for i, im, err in iter_shard(shard):
+            key = dataset.keys[pos + i]
+            if im is None:
+                raise ConceptlensError(f"unreadable image {key}: {err}")
+            if im.size != (size, size):
+                raise ConceptlensError(f"{key} is {im.size[0]}x{im.size[1]}; this model classifies {size}x{size} images")
+            xs.append(torch.from_numpy(np.asarray(im, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1)
+            keys.append(key)
+            labels.append(int(dataset.labels[pos + i]))
+        pos += len(shard.items)
+    return torch.stack(xs), np.asarray(labels), keys
+
+
+def default_templates(model) -> list[str]:
+    """Prompts the model did not see in training when it says so (the embedded model), else Li et al.'s."""
+    from .model import EVAL_TEMPLATES, TinyDiffusion
+    return EVAL_TEMPLATES if isinstance(model, TinyDiffusion) else ["a photo of a {}."]
+
+
+def evaluate(clf: DiffusionClassifier, dataset, templates: Sequence[str] | None = None,
+             show_progress: bool = True) -> dict:
+    """Zero-shot evaluation in CLIP_benchmark's layout plus denoiser evaluations per image."""
+    import time
+
+    from ..zeroshot import metrics, result_json
+    if not dataset.labelled:
+        raise ConceptlensError(f"{dataset.name} is unlabelled: accuracy needs labels")
+    x, y, keys = image_tensors(dataset, clf.model.image_size)
+    tmpl = list(templates or default_templates(clf.model))
+    t0 = time.perf_counter()
+    out = clf.predict(x, dataset.classnames, tmpl, show_progress=show_progress)
+    secs = time.perf_counter() - t0
+    scores = -torch.tensor([o["errors"] for o in out]).nan_to_num(nan=float("inf"))
+    scores[torch.arange(len(out)), torch.tensor([o["pred"] for o in out])] = float("inf")  # the strategy's pick
+    m = metrics(scores.nan_to_num(posinf=1e9, neginf=-1e9), y)
+    m["evals_per_image"] = float(np.mean([o["evals"] for o in out]))
+    m["seconds_per_image"] = secs / len(out)
+    res = result_json(dataset.name, clf.model.name, "zeroshot_classification", m)
+    res.update({"strategy": clf.strategy, "loss": clf.loss, "target": clf.target, "templates": tmpl,
+                "n_images": len(out), "classnames": list(dataset.classnames),
+                "predictions": [{"key": k, "pred": o["pred"], "evals": o["evals"]} for k, o in zip(keys, out)]})
+    return res

@@ -110,7 +110,8 @@ def load_tiny_diffusion(path: str | None = None) -> TinyDiffusion:
     if not p.exists():
         raise ConceptlensError(f"{NAME} weights not found at {p}; train them with "
                                "`conceptlens train diffusion --data ../shared/data/cifar10/train-*.tar.gz`")
-    meta = read_meta(p)
+    from ..utils import file_sha256
+    meta = read_meta(p) | {"sha": file_sha256(p)[:16]}
     unet = UNet2DConditionModel(**meta.get("unet_config", UNET_CONFIG))
     unet.load_state_dict({k: v.float() for k, v in load_file(str(p)).items()})
     return TinyDiffusion(unet.eval(), DDPMScheduler(**meta.get("scheduler_config", SCHEDULER_CONFIG)), meta=meta)

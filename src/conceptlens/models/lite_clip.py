@@ -109,9 +109,16 @@ class TextHead(torch.nn.Module):
         self.residual = torch.nn.Linear(text_dim, dim)
         self.gate = torch.nn.Linear(text_dim + 1, 1)  # sees the text and how well it matches an anchor
 
-    def forward(self, e: torch.Tensor) -> torch.Tensor:
-        conse, best = text_to_image_space(e, self.keys, self.node_of, self.nodes, self.topk, self.temperature,
-                                          with_best=True)
+    def conse(self, e: torch.Tensor, chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+        """The fixed ConSE part and the best anchor similarity (no parameters: precomputable for training)."""
+        parts = [text_to_image_space(e[i:i + chunk], self.keys, self.node_of, self.nodes, self.topk,
+                                     self.temperature, with_best=True) for i in range(0, len(e), chunk)]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+    def forward(self, e: torch.Tensor, conse: torch.Tensor | None = None, best: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        if conse is None:
+            conse, best = self.conse(e)
         if self.mix == "conse":
             return conse
         res = torch.nn.functional.normalize(self.residual(e), dim=-1)

@@ -67,6 +67,46 @@ def split_pairs(pairs, split, row, which: str) -> tuple[np.ndarray, list[str], n
     return np.asarray(imgs), [c for c, _ in caps], np.asarray([o for _, o in caps])
 
 
+class Packed(torch.nn.Module):
+    """The head on rows [e | ConSE(e) | best anchor similarity], so the fixed ConSE part is computed once."""
+
+    def __init__(self, head: TextHead):
+        super().__init__()
+        self.head = head
+
+    @staticmethod
+    def pack(head: TextHead, e: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            conse, best = head.conse(e)
+        return torch.cat([e, conse, best[:, None]], dim=1)
+
+    def forward(self, packed: torch.Tensor) -> torch.Tensor:
+        d = self.head.keys.shape[1]
+        return self.head(packed[:, :d], packed[:, d:-1], packed[:, -1])
+
+
+def train_head(tensors: dict, meta: dict, image_views: list[torch.Tensor], text_e: torch.Tensor,
+               owner: np.ndarray, hp: dict, seed: int) -> TextHead:
+    """Contrastive (Flickr8k) + anchor (ImageNet class names -> classifier rows) training of the text head."""
+    head = TextHead(tensors["keys"].float(), tensors["node_of"].long(), tensors["nodes"].float(),
+                    meta["hyper"]["topk"], meta["hyper"]["temperature"])
+    packed = Packed(head)
+    cls_anchor = (head.node_of < 1000).nonzero().squeeze(1)
+    anchor_p, anchor_cls = Packed.pack(head, head.keys[cls_anchor]), head.node_of[cls_anchor]
+    rows = head.nodes[:1000]
+    g = torch.Generator().manual_seed(seed)
+
+    def anchor_loss(step: int) -> torch.Tensor:
+        pick = torch.randint(len(anchor_p), (hp["batch_size"],), generator=g)
+        logits = packed(anchor_p[pick]) @ rows.T / hp["anchor_temperature"]
+        return hp["anchor_weight"] * F.cross_entropy(logits, anchor_cls[pick])
+
+    trainer = HeadTrainer(epochs=hp["epochs"], batch_size=hp["batch_size"], lr=hp["lr"],
+                          weight_decay=hp["weight_decay"], seed=seed)
+    trainer.fit(torch.nn.Identity(), packed, image_views, Packed.pack(head, text_e), owner, anchor_loss)
+    return head.eval()
+
+
 def anchor_accuracy(head: TextHead, anchor_e: torch.Tensor, anchor_cls: torch.Tensor, rows: torch.Tensor) -> float:
     """How often a class-name anchor's text embedding is nearest its own ImageNet classifier row."""
     with torch.no_grad():
@@ -86,23 +126,9 @@ def build(out: Path | None = None, seed: int = 0, hyper: dict | None = None, roo
     dv_img, dv_caps, dv_owner = split_pairs(pairs, split, row, "dev")
     enc = minilm()
     tr_e, dv_e = embed_texts(enc, tr_caps), embed_texts(enc, dv_caps)
-    head = TextHead(tensors["keys"].float(), tensors["node_of"].long(), tensors["nodes"].float(),
-                    meta["hyper"]["topk"], meta["hyper"]["temperature"])
-    # ImageNet knowledge as extra text-image targets: class-name anchors must stay on their classifier rows
+    head = train_head(tensors, meta, [hi[tr_img], lo[tr_img]], tr_e, tr_owner, hp, seed)
     cls_anchor = (head.node_of < 1000).nonzero().squeeze(1)
-    anchor_e, anchor_cls = head.keys[cls_anchor], head.node_of[cls_anchor]
-    rows = head.nodes[:1000]
-    g = torch.Generator().manual_seed(seed)
-
-    def anchor_loss(step: int) -> torch.Tensor:
-        pick = torch.randint(len(anchor_e), (hp["batch_size"],), generator=g)
-        logits = head(anchor_e[pick]) @ rows.T / hp["anchor_temperature"]
-        return hp["anchor_weight"] * F.cross_entropy(logits, anchor_cls[pick])
-
-    trainer = HeadTrainer(epochs=hp["epochs"], batch_size=hp["batch_size"], lr=hp["lr"],
-                          weight_decay=hp["weight_decay"], seed=seed)
-    trainer.fit(torch.nn.Identity(), head, [hi[tr_img], lo[tr_img]], tr_e, tr_owner, anchor_loss)
-    head.eval()
+    anchor_e, anchor_cls, rows = head.keys[cls_anchor], head.node_of[cls_anchor], head.nodes[:1000]
     with torch.no_grad():
         dev = retrieval_metrics(hi[dv_img], head(dv_e), dv_owner)
         dev_low = retrieval_metrics(lo[dv_img], head(dv_e), dv_owner)

@@ -1,0 +1,65 @@
+"""The learned lite-clip: deterministic head training, shipped metadata, floors for retrieval and domain probes."""
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import roc_auc_score
+
+from conceptlens import zeroshot
+from conceptlens.data import load_dataset, read_flickr8k
+from conceptlens.features import embed
+from conceptlens.models import load_model
+from conceptlens.models.lite_clip import asset_path, read_metadata
+from conceptlens.train.lite_clip import HYPER, train_head
+from conftest import shared
+
+
+def test_head_training_is_deterministic_for_a_seed():
+    m = load_model("builtin:lite-clip")
+    tensors = {"keys": m.head.keys[:3000].half(), "node_of": m.head.node_of[:3000], "nodes": m.head.nodes.half()}
+    meta = {"hyper": {"topk": 8, "temperature": 0.02}}
+    rng = np.random.default_rng(0)
+    views = [torch.from_numpy(rng.random((64, 1280), dtype=np.float32)) for _ in range(2)]
+    text = torch.nn.functional.normalize(torch.from_numpy(rng.normal(size=(128, 384)).astype(np.float32)), dim=1)
+    owner = np.repeat(np.arange(64), 2)
+    hp = dict(HYPER, epochs=3, batch_size=16)
+    a = train_head(tensors, meta, views, text, owner, hp, seed=1).state_dict()
+    b = train_head(tensors, meta, views, text, owner, hp, seed=1).state_dict()
+    c = train_head(tensors, meta, views, text, owner, hp, seed=2).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["residual.weight"], c["residual.weight"])
+
+
+def test_shipped_weights_carry_their_provenance():
+    meta = read_metadata(asset_path())
+    assert meta["command"].startswith("conceptlens build lite-clip")
+    assert meta["data"]["flickr8k_captions_sha256"] and meta["protocol"].startswith("fit on Flickr8k train")
+    assert meta["dev_metrics"]["flickr8k_dev"]["image_retrieval_recall@5"] > 0.3
+    m = load_model("builtin:lite-clip")
+    assert m.head.mix == "both" and m.head.residual.weight.abs().sum() > 0
+
+
+def test_flickr8k_retrieval_floor_on_a_test_subset(tmp_path):
+    root = shared("data/flickr8k")
+    pairs, split = read_flickr8k(root)
+    test = sorted({i for i, _ in pairs if split[i] == "test"})[:200]
+    (tmp_path / "test.csv").write_text("path\n" + "\n".join(str(root / "images" / i) for i in test) + "\n")
+    m = load_model("builtin:lite-clip")
+    f = embed(m, load_dataset(tmp_path / "test.csv"))
+    assert len(f.keys) == len(test)
+    pos = {i: j for j, i in enumerate(test)}
+    caps = [(c, pos[i]) for i, c in pairs if i in pos]
+    res = zeroshot.retrieval_metrics(f.tensor(), m.encode_text([c for c, _ in caps]), [o for _, o in caps])
+    # 200 images (chance R@5 = 0.025); the full 1,000-image test figures are in benchmarks/results/lite_clip.json
+    assert res["image_retrieval_recall@5"] >= 0.6 and res["text_retrieval_recall@5"] >= 0.6, res
+
+
+def test_sketch_vs_photo_contrastive_probe_floor():
+    m = load_model("builtin:lite-clip")
+    photo = embed(m, load_dataset(shared("data/pacs/photo"), limit=150)).tensor(normalize=True)
+    sketch = embed(m, load_dataset(shared("data/pacs/sketch"), limit=150)).tensor(normalize=True)
+    things = ["dog", "elephant", "giraffe", "guitar", "horse", "house", "person"]
+    t_s = zeroshot.build_classifier(m, ["sketch"], [f"a sketch of a {t}." for t in things]).squeeze(0)
+    t_p = zeroshot.build_classifier(m, ["photo"], [f"a photo of a {t}." for t in things]).squeeze(0)
+    x = torch.cat([sketch, photo])
+    y = np.r_[np.ones(len(sketch)), np.zeros(len(photo))]
+    assert roc_auc_score(y, (x @ t_s - x @ t_p).numpy()) >= 0.9
