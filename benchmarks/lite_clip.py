@@ -20,6 +20,7 @@ from conceptlens.data import load_dataset
 from conceptlens.features import embed, embed_texts
 from conceptlens.models import load_model
 from conceptlens.models.builtin import minilm
+from conceptlens.models.lite_clip import conse_parts
 from conceptlens.train.lite_clip import HYPER, build, flickr8k_views, split_pairs
 
 SEEDS = [int(s) for s in os.environ.get("LITE_CLIP_SEEDS", "0,1,2,3,4").split(",")]
@@ -93,11 +94,17 @@ def main() -> None:
     ds, hi, lo, pairs, split, row = flickr8k_views(root / "data" / "flickr8k", HYPER["low_res"])
     te_img, te_caps, te_owner = split_pairs(pairs, split, row, "test")
     flickr = (hi[te_img], te_caps, te_owner)
-    runs, heads = [], {}
+    runs, heads, rebuild_identical = [], {}, None
+    conse = conse_parts()
     for s in SEEDS:
-        head = build(seed=s, write=False, show_progress=False)["head"]
+        head = build(seed=s, write=False, show_progress=False, conse=conse)["head"]
         heads[s] = head
         runs.append(evaluate(with_head(base, head, "both"), feats, flickr))
+        if s == base.metadata.get("seed", 0):  # rebuilt with the shipped seed: must equal the shipped weights
+            same = all(torch.equal(getattr(head, n).weight.float(), getattr(base.head, n).weight.float())
+                       for n in ("residual", "gate"))
+            print(f"seed {s} rebuild equals the shipped weights: {same}", flush=True)
+            rebuild_identical = same
         print(f"seed {s}: {flat(runs[-1])}", flush=True)
     models = {
         "lite-clip (shipped recipe, gate-mixed)": mean_std(runs),
@@ -113,6 +120,7 @@ def main() -> None:
         rows.append([name] + [f"{f[c]:.3f}" for c in cols])
     print(table_text(rows))
     save("lite_clip", {"shipped": "lite-clip (shipped recipe, gate-mixed)", "seeds": SEEDS,
+                       "rebuild_equals_shipped": rebuild_identical,
                        "shipped_asset": {"sha": shipped.get("sha"), "seed": shipped.get("seed"),
                                          "dev_metrics": shipped.get("dev_metrics")},
                        "targets": {"imagenette": 0.95, "cifar10": 0.60, "pacs_photo": 0.88,

@@ -146,13 +146,19 @@ class ConceptBottleneck:
     def score(self, A: np.ndarray, y: np.ndarray) -> float:
         return float((self.clf_.predict(self.scaler_.transform(A)) == y).mean())
 
+    @property
+    def coef_(self) -> np.ndarray:
+        """[classes, concepts] weights (scikit-learn stores one row for two classes: class 1's, class 0 = −it)."""
+        w = self.clf_.coef_
+        return np.vstack([-w, w]) if w.shape[0] == 1 else w
+
     def nonzero_per_class(self) -> list[int]:
-        return (self.clf_.coef_ != 0).sum(1).tolist()
+        return (self.coef_ != 0).sum(1).tolist()
 
     def top_concepts(self, classnames: Sequence[str], n: int = 8) -> dict[str, list[tuple[str, float]]]:
         out = {}
         for ci, c in enumerate(classnames):
-            w = self.clf_.coef_[ci]
+            w = self.coef_[ci]
             idx = [i for i in np.argsort(-w) if w[i] > 0][:n]
             out[c] = [(self.concepts_[i], float(w[i])) for i in idx]
         return out
@@ -181,7 +187,7 @@ def run_cbm(model, train_feats, test_feats, concepts: Sequence[str], report: Pat
     """Fit the CBM on train features, compare with a linear probe on the raw features; JSON + HTML report."""
     from .report import bar_figure, fig_b64, write_html
     from .utils import atomic_write_json
-    from .zeroshot import LinearProbe
+    from .zeroshot import LinearProbe, metrics
     if not train_feats.labelled_ok or not test_feats.labelled_ok:
         raise ConceptlensError("a concept bottleneck needs labelled train and test data")
     C = concept_matrix(model, concepts)
@@ -189,7 +195,7 @@ def run_cbm(model, train_feats, test_feats, concepts: Sequence[str], report: Pat
     acc = cbm.score(activations(test_feats.X, C), test_feats.labels)
     raw_tr, raw_te = probe_feats or (train_feats, test_feats)
     probe = LinearProbe().fit(np.asarray(raw_tr.X), raw_tr.labels)
-    probe_acc = float((probe.decision_function(np.asarray(raw_te.X)).argmax(1) == raw_te.labels).mean())
+    probe_acc = metrics(probe.decision_function(np.asarray(raw_te.X)), raw_te.labels)["acc1"]
     names = train_feats.classnames
     res = {"model": model.name, "n_concepts": len(concepts), "cbm_acc1": acc, "linear_probe_acc1": probe_acc,
            "C": cbm.C_, "nonzero_per_class": dict(zip(names, cbm.nonzero_per_class())),

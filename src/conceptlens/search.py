@@ -103,7 +103,7 @@ class ConceptIndex:
             raise ConceptlensError("search needs a non-empty [n, d] embedding matrix")
         if not np.isfinite(X).all():
             raise ConceptlensError("embeddings contain NaN or inf")
-        X /= np.linalg.norm(X, axis=1, keepdims=True) + 1e-12
+        X = X / (np.linalg.norm(X, axis=1, keepdims=True) + 1e-12)  # a copy: never write into a cached memmap
         self.X, (n, d) = X, X.shape
         self.mean = X.mean(0, dtype=np.float64)
         self.cov = np.cov(X, rowvar=False, dtype=np.float64) if n > 1 else np.zeros((d, d))

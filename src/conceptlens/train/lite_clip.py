@@ -6,6 +6,7 @@ are not zero-shot in the strict sense.
 """
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -88,6 +89,7 @@ class Packed(torch.nn.Module):
 def train_head(tensors: dict, meta: dict, image_views: list[torch.Tensor], text_e: torch.Tensor,
                owner: np.ndarray, hp: dict, seed: int) -> TextHead:
     """Contrastive (Flickr8k) + anchor (ImageNet class names -> classifier rows) training of the text head."""
+    torch.manual_seed(seed)  # the head's initialisation
     head = TextHead(tensors["keys"].float(), tensors["node_of"].long(), tensors["nodes"].float(),
                     meta["hyper"]["topk"], meta["hyper"]["temperature"])
     packed = Packed(head)
@@ -114,13 +116,14 @@ def anchor_accuracy(head: TextHead, anchor_e: torch.Tensor, anchor_cls: torch.Te
 
 
 def build(out: Path | None = None, seed: int = 0, hyper: dict | None = None, root: Path | None = None,
-          write: bool = True, show_progress: bool = True) -> dict:
-    """Fit the shipped lite-clip from registry packages + ../shared/data/flickr8k; deterministic for a seed."""
+          write: bool = True, show_progress: bool = True, conse: tuple[dict, dict] | None = None) -> dict:
+    """Fit the shipped lite-clip from registry packages + ../shared/data/flickr8k; deterministic for a seed.
+    `conse` reuses `conse_parts()` output across several builds (it does not depend on the seed)."""
     t0 = time.time()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     hp = dict(HYPER, **(hyper or {}))
     root = Path(root or shared_dir() / "data" / "flickr8k")
-    tensors, meta = conse_parts()
+    tensors, meta = conse_parts() if conse is None else (dict(conse[0]), json.loads(json.dumps(conse[1])))
     ds, hi, lo, pairs, split, row = flickr8k_views(root, hp["low_res"], show_progress)
     tr_img, tr_caps, tr_owner = split_pairs(pairs, split, row, "train")
     dv_img, dv_caps, dv_owner = split_pairs(pairs, split, row, "dev")
