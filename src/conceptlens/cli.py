@@ -137,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="torch CPU threads (default: all)")
     p.add_argument("--ckpt-every", type=int, default=100)
     p.add_argument("--export", help="where the finished weights go (default: the packaged asset)")
+    p = tsub.add_parser("clip", help="CLIP-type training (frozen towers + heads, LiT-style) from a TOML/YAML config")
+    p.add_argument("--config", required=True)
+    p.add_argument("--out", help="output folder (default: the config's `out` or runs/clip)")
     return ap
 
 
@@ -224,6 +227,10 @@ def run(a) -> int:
                                                               "target_zeroshot_acc1"))]]
         print(table_text(rows))
         print(f"wrote {a.out}")
+    elif a.cmd == "train" and a.what == "clip":
+        from .train.clip import train_clip
+        path = train_clip(a.config, Path(a.out) if a.out else None)
+        print(f"wrote {path}  (use it as --model clip:{path})")
     elif a.cmd == "diffusion-classify":
         from .data import load_dataset
         from .diffusion.classifier import PRESETS, DiffusionClassifier, evaluate

@@ -471,3 +471,34 @@ def images_at(dataset: ImageDataset, keys: Sequence[str]) -> list[Image.Image | 
                 out[want[dataset.keys[pos + hits[i]]]] = im
         pos += len(shard.items)
     return out
+
+
+def read_pairs(path: str | Path) -> tuple[ImageDataset, list[str], np.ndarray]:
+    """Image-caption pairs from a CSV/TSV/JSONL with `path` and `caption` (or `text`) columns; a path may repeat
+    (several captions). Returns the unique-image dataset, the captions and each caption's image row."""
+    path = Path(path)
+    if not path.exists():
+        raise ConceptlensError(f"pairs file not found: {path}")
+    if path.suffix == ".jsonl":
+        rows = [json.loads(ln) for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    else:
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f, delimiter="\t" if path.suffix == ".tsv" else ","))
+    if not rows:
+        raise ConceptlensError(f"no rows in {path}")
+    tcol = next((c for c in ("caption", "text", "title") if c in rows[0]), None)
+    pcol = next((c for c in ("path", "filepath", "image", "file") if c in rows[0]), None)
+    if tcol is None or pcol is None:
+        raise ConceptlensError(f"{path} needs 'path' and 'caption' columns (found: {', '.join(rows[0])})")
+    empty = [i + 2 for i, r in enumerate(rows) if not str(r[tcol] or "").strip()]
+    if empty:
+        raise ConceptlensError(f"{path}: empty caption on line {empty[0]} ({len(empty)} in all)")
+    files = [str((path.parent / r[pcol]).resolve()) if not os.path.isabs(r[pcol]) else r[pcol] for r in rows]
+    missing = sorted({f for f in files if not os.path.exists(f)})
+    if missing:
+        raise ConceptlensError(f"{len(missing)} images in {path} do not exist, e.g. {missing[0]}")
+    uniq = list(dict.fromkeys(files))
+    row = {f: i for i, f in enumerate(uniq)}
+    ds = ImageDataset(path.stem, _file_shards(uniq), uniq, np.full(len(uniq), -1, np.int64), None,
+                      _file_identity(uniq + [str(path)]), str(path.parent))
+    return ds, [str(r[tcol]).strip() for r in rows], np.asarray([row[f] for f in files])

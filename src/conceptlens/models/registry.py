@@ -3,6 +3,7 @@
     builtin:NAME                 models whose real weights ship in registry packages
     open_clip:ARCH/TAG           TAG "random" = random init
     hf:REPO_OR_DIR               Hugging Face CLIPModel / SiglipModel, local files only
+    clip:PATH                    a model trained by `conceptlens train clip`
     timm:NAME[/random]           timm backbone, penultimate features
     torchvision:NAME[/random]    torchvision backbone, penultimate features
 Any vision model takes `layer=` (a named module, global-average-pooled) and `aligner=` (a file mapping
@@ -61,7 +62,7 @@ def _minilm(layer=None, random=False):
     return minilm()
 
 
-SCHEMES = ("builtin", "open_clip", "hf", "timm", "torchvision")
+SCHEMES = ("builtin", "open_clip", "hf", "timm", "torchvision", "clip")
 EXAMPLES = ["open_clip:ViT-B-32/random", "open_clip:RN50/random", "timm:resnet18/random",
             "torchvision:resnet18/random", "hf:openai/clip-vit-base-patch32"]
 
@@ -93,6 +94,9 @@ def load_model(name: str, layer: str | None = None, aligner: str | None = None) 
         if not tag:
             raise ConceptlensError(f"{name}: open_clip models are ARCH/TAG, e.g. open_clip:ViT-B-32/random")
         model = OpenCLIPModel(arch, tag)
+    elif scheme == "clip":
+        from ..train.clip import TrainedCLIP
+        model = TrainedCLIP(rest)
     elif scheme == "hf":
         from .adapters import HFModel
         model = HFModel(rest)
@@ -117,7 +121,11 @@ def load_model(name: str, layer: str | None = None, aligner: str | None = None) 
 def list_models() -> list[ModelInfo]:
     """Built-in models plus example URIs of every other scheme."""
     out = [info for info, _ in BUILTINS.values()]
-    out += [ModelInfo("open_clip:ARCH/TAG", "vision-language", None, "any open_clip model; TAG 'random' = random init"),
+    out += [ModelInfo("builtin:tiny-diffusion-cifar10", "diffusion", 384,
+                      "embedded text-conditioned denoiser on 32x32 images (conceptlens train diffusion); "
+                      "for diffusion-classify"),
+            ModelInfo("diffusers:REPO_OR_DIR", "diffusion", None, "any diffusers text-to-image pipeline, local files only"),
+            ModelInfo("open_clip:ARCH/TAG", "vision-language", None, "any open_clip model; TAG 'random' = random init"),
             ModelInfo("hf:REPO_OR_DIR", "vision-language", None, "Hugging Face CLIPModel/SiglipModel, local files only"),
             ModelInfo("timm:NAME[/random]", "vision", None, "timm backbone (penultimate or --layer)"),
             ModelInfo("torchvision:NAME[/random]", "vision", None, "torchvision backbone (penultimate or --layer)")]
@@ -129,7 +137,11 @@ def check_offline(info: ModelInfo) -> str:
     if "ARCH" in info.name or "REPO" in info.name or "NAME" in info.name:
         return "with TAG random / local files"
     try:
-        load_model(info.name)
+        if info.kind == "diffusion":
+            from ..diffusion.classifier import load_diffusion
+            load_diffusion(info.name)
+        else:
+            load_model(info.name)
         return "yes"
     except ConceptlensError as exc:
         return f"no: {exc}"

@@ -1,19 +1,32 @@
-"""The contrastive (CLIP) objective and a trainer for heads on cached frozen-tower features (LiT-style).
+"""The contrastive (CLIP) objective, the margin regularizers of CLIP theory, and one trainer for heads on
+cached frozen-tower features (LiT-style), shared by the embedded lite-clip and `conceptlens train clip`.
 
-`clip_loss` is the symmetric InfoNCE of Radford et al. 2021 (parity-tested against open_clip's ClipLoss);
-`fit_heads` is the one training loop the embedded lite-clip and `conceptlens train clip` share.
+`clip_loss` is the symmetric InfoNCE of Radford et al. 2021 (parity-tested against open_clip's ClipLoss).
+Regularizers on L2-normalised embeddings g (image), h (text), added as λ·R (Chen, Deng, Li, Gu, ICLR 2024,
+"regularize only positive pairs to enlarge the margin"; the paper's exact form could not be checked offline,
+so we adopt the simplest form with that property and say so):
+- `one-sided`:  R = mean_i (1 − ⟨g_i, h_i⟩)  (= ½‖g_i − h_i‖², positives only)
+- `two-sided`:  one-sided + mean_{i≠j} ⟨g_i, h_j⟩  (also pushes negatives apart)
+- `negatives`:  mean_{i≠j} ⟨g_i, h_j⟩  (negatives only, the ablation)
+`square` replaces InfoNCE by the square (spectral contrastive) loss −2·mean_i⟨g_i,h_i⟩ + mean_{i≠j}⟨g_i,h_j⟩²
+(HaoChen et al. 2021), the loss the paper shows failing at zero-shot transfer.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..errors import ConceptlensError
 from ..utils import progress
+
+REGULARIZERS = ("none", "one-sided", "two-sided", "negatives")
+LOSSES = ("infonce", "square")
 
 
 def clip_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor | float) -> torch.Tensor:
@@ -23,6 +36,32 @@ def clip_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor
     return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
 
 
+def square_loss(image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    """Spectral contrastive (square) loss on normalised embeddings."""
+    sim = image @ text.T
+    off = ~torch.eye(len(image), dtype=torch.bool)
+    return -2 * sim.diagonal().mean() + sim[off].pow(2).mean()
+
+
+def regularizer(image: torch.Tensor, text: torch.Tensor, kind: str) -> torch.Tensor:
+    """Margin regularizers on normalised embeddings (module docstring)."""
+    if kind == "none":
+        return image.new_zeros(())
+    sim = image @ text.T
+    pos = (1 - sim.diagonal()).mean()
+    neg = sim[~torch.eye(len(image), dtype=torch.bool)].mean()
+    return {"one-sided": pos, "two-sided": pos + neg, "negatives": neg}[kind]
+
+
+def margin(image: torch.Tensor, text: torch.Tensor) -> float:
+    """Mean over pairs of (positive similarity − hardest negative similarity), image→text and text→image."""
+    with torch.no_grad():
+        sim = F.normalize(image, dim=-1) @ F.normalize(text, dim=-1).T
+        pos = sim.diagonal()
+        neg = sim.masked_fill(torch.eye(len(sim), dtype=torch.bool), -2.0)
+        return float(((pos - neg.max(1).values).mean() + (pos - neg.max(0).values).mean()) / 2)
+
+
 def cosine_lr(step: int, total: int, base: float, warmup: int) -> float:
     """Linear warmup then cosine decay to 0 (open_clip's `cosine_lr`)."""
     if step < warmup:
@@ -30,13 +69,28 @@ def cosine_lr(step: int, total: int, base: float, warmup: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup))) * base
 
 
+class Temperature(torch.nn.Module):
+    """The learnable log logit scale (CLIP's 1/τ), clamped at `max_scale` when used."""
+
+    def __init__(self, init: float, max_scale: float = 100.0):
+        super().__init__()
+        self.log_scale = torch.nn.Parameter(torch.tensor(float(init)))
+        self.max_scale = max_scale
+
+    def forward(self) -> torch.Tensor:
+        return self.log_scale.exp().clamp(max=self.max_scale)
+
+
 @dataclass
 class HeadTrainer:
-    """Train image/text heads on cached features with InfoNCE (+ extra loss terms), deterministically.
+    """Train image/text heads on cached features with InfoNCE (or the square loss) + a margin regularizer.
 
-    Each epoch visits every image once in a seeded order, with one of its captions and one of its cached
-    views (e.g. full resolution and a low-resolution copy) drawn at random: open_clip's practice for
-    multi-caption data, and batches never hold one image twice (that would be a false negative).
+    Each epoch visits every image once in a seeded order with one of its captions and one of its cached views
+    (e.g. full and low resolution) drawn at random, open_clip's practice for multi-caption data; a batch never
+    holds one image twice. Every step's randomness is a function of (seed, step), and the state (heads,
+    temperature, AdamW moments, step) is checkpointed in safetensors, so resuming is exact. Gradient
+    accumulation follows open_clip: embeddings of the whole batch first, then each chunk's gradient against
+    all of them, so the result equals one full batch.
     """
 
     epochs: int = 10
@@ -46,47 +100,97 @@ class HeadTrainer:
     warmup: int = 50
     init_logit_scale: float = math.log(1 / 0.07)
     max_logit_scale: float = 100.0
+    learn_temperature: bool = True
+    loss: str = "infonce"
+    reg: str = "none"
+    reg_weight: float = 0.0
+    accum_steps: int = 1
     seed: int = 0
+    checkpoint: Path | None = None
+    ckpt_every: int = 0
+    stop_after: int | None = None  # stop (checkpointed) after this many steps: for resume tests and time limits
     history_: list[dict] = field(default_factory=list)
 
     def fit(self, image_head: torch.nn.Module, text_head: torch.nn.Module, image_views: list[torch.Tensor],
             text_feats: torch.Tensor, text_owner: np.ndarray,
-            extra_loss: Callable[[int], torch.Tensor] | None = None) -> torch.nn.Parameter:
-        """Train in place; returns the learned log logit scale. `extra_loss(step)` adds auxiliary terms."""
+            extra_loss: Callable[[int], torch.Tensor] | None = None) -> Temperature:
+        """Train in place; returns the temperature module. `extra_loss(step)` adds auxiliary terms."""
+        from .checkpoint import load_checkpoint, save_checkpoint
+        if self.loss not in LOSSES or self.reg not in REGULARIZERS:
+            raise ConceptlensError(f"loss must be one of {LOSSES} and reg one of {REGULARIZERS}")
+        if self.batch_size < 2:
+            raise ConceptlensError("contrastive training needs batches of at least 2 pairs")
         torch.manual_seed(self.seed)
-        logit_scale = torch.nn.Parameter(torch.tensor(self.init_logit_scale))
+        temp = Temperature(self.init_logit_scale, self.max_logit_scale)
+        temp.log_scale.requires_grad_(self.learn_temperature)
         params = [p for m in (image_head, text_head) for p in m.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW([{"params": params}, {"params": [logit_scale], "weight_decay": 0.0}],
-                                lr=self.lr, weight_decay=self.weight_decay)
-        rng = np.random.default_rng(self.seed)
+        groups = [{"params": params}] + ([{"params": [temp.log_scale], "weight_decay": 0.0}] if self.learn_temperature else [])
+        opt = torch.optim.AdamW(groups, lr=self.lr, weight_decay=self.weight_decay)
         n = len(image_views[0])
-        caps = [[] for _ in range(n)]
+        caps: list[list[int]] = [[] for _ in range(n)]
         for t, i in enumerate(text_owner):
             caps[i].append(t)
         has = np.asarray([i for i in range(n) if caps[i]])
-        per_epoch = max(1, len(has) // self.batch_size)
+        if len(has) < 2:
+            raise ConceptlensError("contrastive training needs at least 2 images with captions")
+        bs = min(self.batch_size, len(has))
+        per_epoch = max(1, len(has) // bs)
         total = self.epochs * per_epoch
-        bar = progress(total=total, desc="contrastive training", unit="step", leave=False)
+        modules = {"image_head": image_head, "text_head": text_head, "temperature": temp}
+        start = 0
+        if self.checkpoint is not None and Path(self.checkpoint).exists():
+            meta = load_checkpoint(Path(self.checkpoint), modules, opt)
+            start, self.history_ = meta["step"], meta.get("history", [])
         views = torch.stack(image_views)
-        for step in range(total):
-            if step % per_epoch == 0:
-                order = rng.permutation(has)
-            b = order[(step % per_epoch) * self.batch_size:(step % per_epoch + 1) * self.batch_size]
-            t = np.asarray([caps[i][rng.integers(len(caps[i]))] for i in b])
-            v = rng.integers(len(image_views), size=len(b))
+        bar = progress(total=total, initial=start, desc="contrastive training", unit="step", leave=False)
+        end = total if self.stop_after is None else min(total, self.stop_after)
+        for step in range(start, end):
+            epoch, pos = divmod(step, per_epoch)
+            b = np.random.default_rng([self.seed, epoch]).permutation(has)[pos * bs:(pos + 1) * bs]
+            r = np.random.default_rng([self.seed, epoch, pos, 1])
+            t = torch.from_numpy(np.asarray([caps[i][r.integers(len(caps[i]))] for i in b]))
+            v = torch.from_numpy(r.integers(len(image_views), size=len(b)))
             for g in opt.param_groups:
                 g["lr"] = cosine_lr(step, total, self.lr, self.warmup)
-            img = F.normalize(image_head(views[v, b]), dim=-1)
-            txt = F.normalize(text_head(text_feats[t]), dim=-1)
-            loss = clip_loss(img, txt, logit_scale.exp().clamp(max=self.max_logit_scale))
-            if extra_loss is not None:
-                loss = loss + extra_loss(step)
+            x_img, x_txt = views[v, torch.from_numpy(b)], text_feats[t]
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            loss = self._step(image_head, text_head, temp, x_img, x_txt)
+            if extra_loss is not None:
+                extra = extra_loss(step)
+                extra.backward()
+                loss = loss + extra.item()
             opt.step()
             bar.update(1)
-            if step % 50 == 0:
-                self.history_.append({"step": step, "loss": loss.item()})
-                bar.set_postfix(loss=f"{loss.item():.3f}")
+            if step % 50 == 0 or step == total - 1:
+                self.history_.append({"step": step, "loss": loss, "logit_scale": float(temp())})
+                bar.set_postfix(loss=f"{loss:.3f}")
+            if self.checkpoint is not None and (self.ckpt_every and (step + 1) % self.ckpt_every == 0 or step + 1 == end):
+                save_checkpoint(Path(self.checkpoint), modules, opt, {"step": step + 1, "history": self.history_})
         bar.close()
-        return logit_scale
+        return temp
+
+    def _objective(self, img: torch.Tensor, txt: torch.Tensor, temp: Temperature) -> torch.Tensor:
+        base = clip_loss(img, txt, temp()) if self.loss == "infonce" else square_loss(img, txt)
+        return base + self.reg_weight * regularizer(img, txt, self.reg) if self.reg != "none" else base
+
+    def _step(self, image_head, text_head, temp, x_img, x_txt) -> float:
+        """One optimisation step's gradients (accumulated over chunks when accum_steps > 1); returns the loss."""
+        if self.accum_steps <= 1:
+            loss = self._objective(F.normalize(image_head(x_img), dim=-1), F.normalize(text_head(x_txt), dim=-1), temp)
+            loss.backward()
+            return loss.item()
+        with torch.no_grad():
+            img_all = F.normalize(image_head(x_img), dim=-1)
+            txt_all = F.normalize(text_head(x_txt), dim=-1)
+        loss_val = 0.0
+        for idx in torch.arange(len(x_img)).chunk(self.accum_steps):
+            img, txt = img_all.clone(), txt_all.clone()
+            img[idx] = F.normalize(image_head(x_img[idx]), dim=-1)
+            txt[idx] = F.normalize(text_head(x_txt[idx]), dim=-1)
+            loss = self._objective(img, txt, temp)
+            # each chunk carries its rows' share of the full-batch gradient; temperature's once
+            loss.backward()
+            loss_val = loss.item()
+        if temp.log_scale.grad is not None:
+            temp.log_scale.grad /= self.accum_steps
+        return loss_val

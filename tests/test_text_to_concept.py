@@ -1,0 +1,48 @@
+"""Text-to-concept on real models and data (floors on subsets; the full figures are in benchmarks/results)."""
+import numpy as np
+import pytest
+
+from conceptlens import zeroshot
+from conceptlens.align import AlignedModel, Aligner
+from conceptlens.concepts import concept_matrix, activations, diagnose
+from conceptlens.data import load_dataset
+from conceptlens.features import Features, embed
+from conceptlens.models import load_model
+from conceptlens.search import search
+from conftest import shared
+
+
+@pytest.fixture(scope="module")
+def models():
+    return load_model("builtin:mobilenetv2"), load_model("builtin:lite-clip")
+
+
+def test_aligned_mobilenet_zero_shot_is_close_to_lite_clip(models):
+    src, tgt = models
+    fit_ds = load_dataset(shared("data/imagenette/train"), limit=600)
+    al = Aligner("ridge").fit(embed(src, fit_ds).X, embed(tgt, fit_ds).X)
+    assert al.metrics_["r2"] > 0.3 and al.metrics_["cosine"] > 0.7
+    al.meta_ = {"path": "test", "sha": "test"}
+    ev = load_dataset(shared("data/imagenette/val"), limit=300)
+    fs, ft = embed(src, ev), embed(tgt, ev)
+    aligned = AlignedModel(src, al, tgt)
+    fa = Features(al.transform(fs.X), fs.labels, fs.keys, fs.classnames, [], aligned.name, "imagenette")
+    own = zeroshot.evaluate(tgt, ft)["metrics"]["acc1"]
+    acc = zeroshot.evaluate(aligned, fa)["metrics"]["acc1"]
+    assert acc >= own - 0.10, (acc, own)
+
+
+def test_photo_vs_sketch_shift_and_search(models):
+    _, m = models
+    photo = embed(m, load_dataset(shared("data/pacs/photo"), limit=210))
+    sketch = embed(m, load_dataset(shared("data/pacs/sketch"), limit=210))
+    concepts = ["sketch", "drawing", "dog", "grass", "sky", "person", "car", "water", "house", "tree"]
+    C = concept_matrix(m, concepts)
+    rows = diagnose(activations(photo.X, C), activations(sketch.X, C), concepts)
+    assert {"sketch", "drawing"} & {r["concept"] for r in rows[:2]}
+    both = Features(np.concatenate([photo.X, sketch.X]), np.r_[photo.labels, sketch.labels],
+                    [f"p/{k}" for k in photo.keys] + [f"s/{k}" for k in sketch.keys], photo.classnames, [],
+                    m.name, "pacs")
+    res = search(m, both, "sketch & horse", k=10)
+    hits = [k.startswith("s/") and photo.classnames[lab] == "horse" for k, lab in zip(res["keys"], res["labels"])]
+    assert len(hits) == 10 and np.mean(hits) >= 0.6, res["keys"]
