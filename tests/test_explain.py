@@ -1,0 +1,58 @@
+"""FALCON: concepts from captions, the contrastive step, thresholds and groups, bad input, the CLI."""
+import numpy as np
+import pytest
+import torch
+
+from conceptlens.cli import main
+from conceptlens.errors import ConceptlensError
+from conceptlens.explain import (CaptionBankIndex, caption_concepts, concept_scores, contrast, find_groups,
+                                 high_images, target_values)
+
+
+def test_caption_concepts_are_lemmatised_content_words_and_phrases():
+    words, phrases = caption_concepts("Two dogs are running through the tall green grass.")
+    assert {"dog", "run", "tall", "green", "grass"} <= words and "two" not in words
+    assert "tall green grass" in phrases
+
+
+def test_contrastive_step_removes_a_spurious_shared_concept():
+    caps = ["a dog sitting on the grass", "a brown dog on grass", "a cat sitting on the grass", "a red car"]
+    bank = CaptionBankIndex(caps, torch.eye(4))
+    high = torch.tensor([[1.0, 0.9, 0.0, 0.0], [0.9, 1.0, 0.0, 0.0]])  # dog crops, on grass
+    low = torch.tensor([[0.0, 0.0, 1.0, 0.0]])  # a counterfactual: grass without a dog
+    w, p, _ = concept_scores(bank, high, k=2)
+    lw, lp, _ = concept_scores(bank, low, k=2)
+    assert "grass" in w and "dog" in w  # without the contrastive step the spurious concept stays
+    w2, p2, removed = contrast(w, p, lw, lp, drop=0.1)
+    assert "grass" not in w2 and "dog" in w2 and "grass" in removed
+
+
+def test_thresholds_groups_and_bad_input():
+    rng = np.random.default_rng(0)
+    R = np.abs(rng.normal(size=(200, 16))) * 0.1
+    R[:30, 3] = 5.0  # a feature strongly on for 30 images
+    R[:30, 7] = 5.0
+    R /= np.linalg.norm(R, axis=1, keepdims=True)
+    rows = high_images(R, target_values(R, [3]), k=3)
+    assert set(rows) == set(range(30))
+    groups = find_groups(R, k=3)
+    assert groups and groups[0]["features"] == [3, 7] and len(groups[0]["images"]) == 30
+    with pytest.raises(ConceptlensError, match="out of range"):
+        target_values(R, [99])
+    with pytest.raises(ConceptlensError, match="has 5 dims"):
+        target_values(R, direction=np.ones(5))
+    with pytest.raises(ConceptlensError, match="no image activates"):
+        high_images(R, target_values(R, [0]), k=50)
+    with pytest.raises(ConceptlensError, match="empty"):
+        CaptionBankIndex([], torch.zeros(0, 4)).top_captions(torch.ones(1, 4))
+
+
+def test_explain_cli(tmp_path, image_folder, capsys):
+    bank = tmp_path / "bank.txt"
+    bank.write_text("a red square on a table\na blue square in the sky\na bright red wall\nthe deep blue sea\n")
+    rc = main(["explain", "--model", "builtin:mobilenetv2", "--data", str(image_folder), "--features", "3,5",
+               "--top-n", "4", "--captions", str(bank), "--report", str(tmp_path / "rep")])
+    assert rc == 0 and (tmp_path / "rep" / "index.html").exists()
+    assert main(["explain", "--model", "builtin:mobilenetv2", "--data", str(image_folder), "--features", "5000",
+                 "--captions", str(bank)]) == 2
+    assert "out of range" in capsys.readouterr().err
