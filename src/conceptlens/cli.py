@@ -23,6 +23,13 @@ def _add_data(p, flag="--data"):
     p.add_argument("--limit", type=int, help="evenly spaced subset of N images")
 
 
+def _add_train_test(p):
+    p.add_argument("--train", required=True, help="labelled training images")
+    p.add_argument("--test", required=True, help="labelled test images")
+    p.add_argument("--classes", help="class names file (classes.txt or classes.tsv)")
+    p.add_argument("--limit", type=int, help="evenly spaced subset of N images of each")
+
+
 def _add_embed_opts(p):
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
@@ -49,10 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="results JSON path")
     p = sub.add_parser("linear-probe", help="logistic-regression probe on cached features")
     _add_model(p)
-    p.add_argument("--train", required=True)
-    p.add_argument("--test", required=True)
-    p.add_argument("--classes")
-    p.add_argument("--limit", type=int)
+    _add_train_test(p)
     _add_embed_opts(p)
     p.add_argument("--output")
     p = sub.add_parser("align", help="fit a linear map from one model's features into another's (text-to-concept)")
@@ -67,10 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="aligner file (.safetensors)")
     p = sub.add_parser("cbm", help="label-free concept bottleneck model (sparse head on concept activations)")
     _add_model(p)
-    p.add_argument("--train", required=True)
-    p.add_argument("--test", required=True)
-    p.add_argument("--classes")
-    p.add_argument("--limit", type=int)
+    _add_train_test(p)
     p.add_argument("--concepts", default="default", help="default (class names, WordNet, caption words) or a file")
     p.add_argument("--max-concepts", type=int, default=30, help="most non-zero concepts per class")
     p.add_argument("--report", default="out/cbm")
