@@ -100,3 +100,20 @@ def test_train_clip_cli_and_the_trained_model_works_everywhere(tmp_path, capsys)
     (tmp_path / "typo.toml").write_text(f'data = "{tmp_path / "pairs.csv"}"\nepoch = 3\n')
     assert main(["train", "clip", "--config", str(tmp_path / "typo.toml")]) == 2
     assert "unknown config keys" in capsys.readouterr().err
+
+
+def test_pairs_from_webdataset_shards(tmp_path):
+    import io
+    import tarfile
+
+    from conceptlens.data import read_pairs
+    with tarfile.open(tmp_path / "pairs-000000.tar", "w") as tf:
+        for i in range(3):
+            buf = io.BytesIO()
+            Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(buf, "PNG")
+            for name, data in ((f"{i:04d}.png", buf.getvalue()), (f"{i:04d}.txt", f"caption {i}".encode())):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+    ds, caps, owner = read_pairs(tmp_path / "pairs-000000.tar")
+    assert len(ds) == 3 and caps == ["caption 0", "caption 1", "caption 2"] and owner.tolist() == [0, 1, 2]

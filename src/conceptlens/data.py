@@ -474,8 +474,21 @@ def images_at(dataset: ImageDataset, keys: Sequence[str]) -> list[Image.Image | 
 
 
 def read_pairs(path: str | Path) -> tuple[ImageDataset, list[str], np.ndarray]:
-    """Image-caption pairs from a CSV/TSV/JSONL with `path` and `caption` (or `text`) columns; a path may repeat
-    (several captions). Returns the unique-image dataset, the captions and each caption's image row."""
+    """Image-caption pairs from a CSV/TSV/JSONL with `path` and `caption` (or `text`) columns (a path may repeat:
+    several captions), or WebDataset shards with KEY.jpg + KEY.txt. Returns the unique-image dataset, the
+    captions and each caption's image row."""
+    spec = str(path)
+    if any(ch in spec for ch in "*?{") or spec.endswith((".tar", ".tar.gz", ".tgz")):
+        ds = _tars(spec)
+        text = {}
+        for p in expand_shards(spec):
+            for key, ext, data in _tar_members(p, with_images=False):
+                if ext in (".txt", ".caption"):
+                    text[f"{os.path.basename(p)}/{key}"] = data.decode("utf-8", errors="replace").strip()
+        missing = [k for k in ds.keys if not text.get(k)]
+        if missing:
+            raise ConceptlensError(f"{len(missing)} images in {spec} have no or an empty .txt caption, e.g. {missing[0]}")
+        return ds, [text[k] for k in ds.keys], np.arange(len(ds))
     path = Path(path)
     if not path.exists():
         raise ConceptlensError(f"pairs file not found: {path}")
