@@ -96,7 +96,7 @@ def concept_matrix(model, concepts: Sequence[str]) -> torch.Tensor:
 
 def activations(X, concept_emb: torch.Tensor) -> np.ndarray:
     """Cosine of every (aligned) image feature with every concept [n, K]."""
-    x = F.normalize(torch.as_tensor(np.asarray(X, np.float32)), dim=-1)
+    x = F.normalize(torch.from_numpy(np.array(X, np.float32)), dim=-1)
     return (x @ concept_emb.T).numpy()
 
 
