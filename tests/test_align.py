@@ -45,7 +45,7 @@ def test_ridge_equals_numpy_least_squares_and_streaming_equals_in_memory(monkeyp
     monkeypatch.setattr(align, "CHUNK", 97)  # many small chunks: the same statistics
     al2 = Aligner("ridge", alphas=[0.0]).fit(X, Y)
     assert np.abs(al.W_ - al2.W_).max() < 1e-5
-    assert abs(al.metrics_["r2"] - al2.metrics_["r2"]) < 1e-9
+    assert abs(al.metrics_["r2"] - al2.metrics_["r2"]) < 1e-6  # chunk products are float32 BLAS
     # held-out R² from statistics equals R² computed from predictions
     ho = al.heldout_rows_
     pred = al.transform(X[ho])

@@ -49,12 +49,14 @@ class Stats:
         self.xx, self.xy, self.yy = np.zeros((dx, dx)), np.zeros((dx, dy)), np.zeros(dy)
 
     def add(self, x: np.ndarray, y: np.ndarray) -> "Stats":
+        """Add a chunk: products in float32 BLAS (2x faster), sums kept in float64."""
+        x32, y32 = np.asarray(x, np.float32), np.asarray(y, np.float32)
         self.n += len(x)
-        self.sx += x.sum(0)
-        self.sy += y.sum(0)
-        self.xx += x.T @ x
-        self.xy += x.T @ y
-        self.yy += (y * y).sum(0)
+        self.sx += x.sum(0, dtype=np.float64)
+        self.sy += y.sum(0, dtype=np.float64)
+        self.xx += x32.T @ x32
+        self.xy += x32.T @ y32
+        self.yy += (y32.astype(np.float64) ** 2).sum(0)
         return self
 
     def centered(self):
@@ -68,15 +70,17 @@ def _stats(X, Y, rows: np.ndarray) -> Stats:
     st = Stats(X.shape[1], Y.shape[1])
     for i in range(0, len(rows), CHUNK):
         r = np.sort(rows[i:i + CHUNK])
-        st.add(np.asarray(X[r], np.float64), np.asarray(Y[r], np.float64))
+        st.add(np.asarray(X[r], np.float32), np.asarray(Y[r], np.float32))
     return st
 
 
-def _sse(held: Stats, W: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Per-target-dim sum of squared errors of y ≈ x W + b over the held-out rows, from their statistics."""
+def _sse(held: Stats, W: np.ndarray, b: np.ndarray, dtype=np.float64) -> np.ndarray:
+    """Per-target-dim sum of squared errors of y ≈ x W + b over the held-out rows, from their statistics
+    (`dtype` float32 for the fast penalty search, float64 for reported metrics)."""
     n, sx, sy, xx, xy, yy = held.n, held.sx, held.sy, held.xx, held.xy, held.yy
     xw = sx @ W
-    return (yy - 2 * np.einsum("ij,ij->j", W, xy) + np.einsum("ij,ij->j", W, xx @ W)
+    xxw = (xx.astype(dtype) @ W.astype(dtype)).astype(np.float64)
+    return (yy - 2 * np.einsum("ij,ij->j", W, xy) + np.einsum("ij,ij->j", W, xxw)
             - 2 * b * sy + 2 * b * xw + n * b * b)
 
 
@@ -99,7 +103,7 @@ class Aligner:
         if not 0 < holdout < 1:
             raise ConceptlensError("holdout must be a fraction in (0, 1)")
         self.method, self.holdout, self.seed, self.epochs = method, holdout, seed, epochs
-        self.alphas = list(alphas) if alphas is not None else [float(a) for a in np.logspace(-6, 2, 17)]
+        self.alphas = list(alphas) if alphas is not None else [float(a) for a in np.logspace(-6, 2, 9)]
 
     # -- fitting
     def split(self, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -131,9 +135,9 @@ class Aligner:
         st_val = _stats(X, Y, rows[val])
         best = None
         scale = np.trace(st_in.centered()[2]) / X.shape[1] or 1.0
-        for a in self.alphas:
-            W, b = self._ridge_solve(st_in, a * scale)
-            r2 = r2_from_sse(_sse(st_val, W, b), st_val)
+        for a in self.alphas:  # the search runs in float32 (it only ranks penalties); the final solve in float64
+            W, b = self._ridge_solve(st_in, a * scale, np.float32)
+            r2 = r2_from_sse(_sse(st_val, W, b, np.float32), st_val)
             if best is None or r2 > best[0]:
                 best = (r2, a)
         st_in.n += st_val.n  # refit on all training rows with the chosen penalty
@@ -144,9 +148,9 @@ class Aligner:
         self.W_, self.b_ = W.T.astype(np.float32), b.astype(np.float32)
 
     @staticmethod
-    def _ridge_solve(st: Stats, alpha: float) -> tuple[np.ndarray, np.ndarray]:
+    def _ridge_solve(st: Stats, alpha: float, dtype=np.float64) -> tuple[np.ndarray, np.ndarray]:
         mx, my, xx, xy, _ = st.centered()
-        W = np.linalg.solve(xx + alpha * np.eye(len(xx)), xy)
+        W = np.linalg.solve((xx + alpha * np.eye(len(xx))).astype(dtype), xy.astype(dtype)).astype(np.float64)
         return W, my - mx @ W
 
     def _fit_procrustes(self, X, Y, rows: np.ndarray) -> None:
