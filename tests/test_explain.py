@@ -56,3 +56,16 @@ def test_explain_cli(tmp_path, image_folder, capsys):
     assert main(["explain", "--model", "builtin:mobilenetv2", "--data", str(image_folder), "--features", "5000",
                  "--captions", str(bank)]) == 2
     assert "out of range" in capsys.readouterr().err
+
+
+def test_transfer_explains_another_space_through_an_aligner(tmp_path, image_folder, capsys):
+    bank = tmp_path / "bank.txt"
+    bank.write_text("a red square on a table\na blue square in the sky\na bright red wall\nthe deep blue sea\n")
+    al = tmp_path / "b_to_a.safetensors"
+    assert main(["align", "--source", "builtin:efficientnet-lite0", "--target", "builtin:mobilenetv2",
+                 "--data", str(image_folder), "--out", str(al)]) == 0
+    rc = main(["explain", "--model", "builtin:mobilenetv2", "--data", str(image_folder), "--features", "7",
+               "--transfer", str(al), "--top-n", "3", "--captions", str(bank), "--report", str(tmp_path / "r")])
+    assert rc == 0 and "via b_to_a.safetensors (held-out R2" in capsys.readouterr().out
+    assert main(["explain", "--model", "builtin:efficientnet-lite0", "--data", str(image_folder), "--features", "7",
+                 "--transfer", str(al), "--captions", str(bank)]) == 2

@@ -130,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=float, default=5.0, help="high activation: mean + k*std")
     p.add_argument("--top-n", type=int, help="use the top-n images instead of the threshold")
     p.add_argument("--no-gradcam", action="store_true", help="whole images instead of Grad-CAM crops")
+    p.add_argument("--transfer", help="aligner B->M: explain --features of space B through its map into --model's space")
     p.add_argument("--report", default="out/explain")
     _add_embed_opts(p)
     p = sub.add_parser("demo", help="zero-shot demo with the embedded model, HTML report")
@@ -308,6 +309,16 @@ def _explain(a) -> int:
         except ValueError:
             raise ConceptlensError(f"--features takes integers, got {a.features!r}") from None
         targets = [{"features": idx}]
+        if a.transfer:  # FALCON step 9: B's feature group = the image of its coordinates under the map B -> M
+            from .align import Aligner
+            al = Aligner.load(Path(a.transfer))
+            if al.meta_.get("target") != model.name:
+                raise ConceptlensError(f"{a.transfer} maps into {al.meta_.get('target')}, not {model.name}")
+            bad = [i for i in idx if not 0 <= i < al.W_.shape[1]]
+            if bad:
+                raise ConceptlensError(f"feature {bad[0]} out of range 0..{al.W_.shape[1] - 1} of {al.meta_.get('source')}")
+            targets = [{"direction": al.W_[:, idx].sum(1), "name": f"{al.meta_.get('source')} features "
+                        f"{a.features} via {Path(a.transfer).name} (held-out R2 {al.metrics_.get('r2', float('nan')):.3f})"}]
     elif a.direction:
         try:
             V = np.load(a.direction, allow_pickle=False)
