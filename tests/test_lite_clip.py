@@ -1,6 +1,5 @@
 """The learned lite-clip: deterministic head training, shipped metadata, floors for retrieval and domain probes."""
 import numpy as np
-import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable
 
 import numpy as np
 import torch
@@ -27,11 +27,6 @@ from .models.base import Encoder
 
 METHODS = ("ridge", "procrustes", "sgd")
 CHUNK = 8192
-
-
-def _chunks(X, rows: np.ndarray, size: int = CHUNK) -> Iterator[np.ndarray]:
-    for i in range(0, len(rows), size):
-        yield np.asarray(X[np.sort(rows[i:i + size])], dtype=np.float64)
 
 
 def check_finite(name: str, X) -> None:

@@ -14,7 +14,6 @@ import re
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from .errors import ConceptlensError
 
