@@ -120,7 +120,6 @@ def build(out: Path | None = None, seed: int = 0, hyper: dict | None = None, roo
     """Fit the shipped lite-clip from registry packages + ../shared/data/flickr8k; deterministic for a seed.
     `conse` reuses `conse_parts()` output across several builds (it does not depend on the seed)."""
     t0 = time.time()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     hp = dict(HYPER, **(hyper or {}))
     root = Path(root or shared_dir() / "data" / "flickr8k")
     tensors, meta = conse_parts() if conse is None else (dict(conse[0]), json.loads(json.dumps(conse[1])))
