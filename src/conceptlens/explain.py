@@ -20,7 +20,6 @@ with words (reference: NehaKalibhat/falcon-explain; defaults from its paper and 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from functools import lru_cache
 from typing import Sequence
 
@@ -29,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from .decode import CaptionMemory
 from .errors import ConceptlensError
 
 
@@ -56,18 +56,8 @@ def caption_concepts(caption: str) -> tuple[frozenset, frozenset]:
     return frozenset(words), frozenset(phrases)
 
 
-@dataclass
-class CaptionBankIndex:
-    """A caption bank embedded in a vision-language model's space (rows normalised)."""
-
-    captions: list[str]
-    emb: torch.Tensor
-
-    @classmethod
-    def build(cls, vl_model, banks: Sequence[str] = ("coco", "flickr8k", "cc3m"), limit: int | None = None):
-        from .decode import CaptionMemory
-        mem = CaptionMemory.build(vl_model, banks, limit)
-        return cls(mem.captions, mem.emb)
+class CaptionBankIndex(CaptionMemory):
+    """A caption bank embedded in a vision-language model's space (decode's memory), queried by softmax."""
 
     def top_captions(self, crop_emb: torch.Tensor, k: int = 5, temperature: float = 0.01):
         """Per crop: top-k (caption index, softmax probability over the whole bank)."""
