@@ -2,8 +2,12 @@
 
 Strategies on the same images and the same noise: fixed, Li et al.'s adaptive preset (keep 5,1; 50,500; L1),
 Clark & Jaini's t-test pruning, and our successive halving at a quarter of adaptive's evaluations; builtin:lite-clip
-zero-shot on the same images beside them. Per-image results are appended to a JSONL file, so an interrupted run
-resumes where it stopped (DIFFUSION_N images, default 500). Writes benchmarks/results/diffusion.json + a plot.
+zero-shot on the same images beside them. Images are processed one at a time (all strategies, then the next
+image) and appended to a JSONL log, so an interrupted run resumes where it stopped and a partial run still
+compares every strategy on the same images. DIFFUSION_N images (default 500); DIFFUSION_SHARD=i/k runs the
+images with index % k == i (start k processes to use k cores; `DIFFUSION_REPORT=1` only writes the report).
+The denoiser runs under bf16 autocast (2x faster on this CPU); the first 20 images are also classified with
+`fixed` in fp32 to show that bf16 does not change predictions. Writes benchmarks/results/diffusion.json + a plot.
 """
 from __future__ import annotations
 
@@ -22,59 +26,90 @@ from conceptlens.features import embed
 from conceptlens.models import load_model
 
 N = int(os.environ.get("DIFFUSION_N", "500"))
+SHARD, SHARDS = (int(v) for v in os.environ.get("DIFFUSION_SHARD", "0/1").split("/"))
 PRE = PRESETS["cifar10"]
 ADAPTIVE_EVALS = 10 * 50 + 5 * 450
+FP32_CHECK = 20
+LOG = RESULTS / "diffusion_per_image.jsonl"
 
 
-def strategies(model):
+def strategies(model, precision: str = "bf16") -> dict[str, DiffusionClassifier]:
+    kw = dict(precision=precision)
     return {
-        "fixed": DiffusionClassifier(model, "fixed", loss="l1", n_samples=50),
+        "fixed": DiffusionClassifier(model, "fixed", loss="l1", n_samples=50, **kw),
         "adaptive": DiffusionClassifier(model, "adaptive", loss=PRE["loss"], to_keep=PRE["to_keep"],
-                                        stage_samples=PRE["n_samples"]),
-        "ttest": DiffusionClassifier(model, "ttest", loss="l1"),
-        "halving": DiffusionClassifier(model, "halving", loss="l1", budget=ADAPTIVE_EVALS // 4),
+                                        stage_samples=PRE["n_samples"], **kw),
+        "ttest": DiffusionClassifier(model, "ttest", loss="l1", **kw),
+        "halving": DiffusionClassifier(model, "halving", loss="l1", budget=ADAPTIVE_EVALS // 4, **kw),
     }
 
 
-def main() -> None:
-    torch.manual_seed(0)
-    ds = load_dataset(shared_dir() / "data/cifar10/test-000000.tar.gz", limit=N)
-    clfs = strategies("builtin:tiny-diffusion-cifar10")
-    model = clfs["fixed"].model
-    x, y, keys = image_tensors(ds, model.image_size)
-    tmpl = default_templates(model)
-    log = RESULTS / "diffusion_per_image.jsonl"
+def read_log(sha: str, keys: list[str]) -> dict:
     done = {}
-    if log.exists():
-        for ln in log.read_text().splitlines():
+    if LOG.exists():
+        for ln in LOG.read_text().splitlines():
             r = json.loads(ln)
-            if r.get("model_sha") == model.meta["sha"] and r["key"] in keys:
+            if r.get("model_sha") == sha and r["key"] in keys:
                 done[(r["strategy"], r["key"])] = r
-    with open(log, "a") as f:
-        for name, clf in clfs.items():
-            cond = clf.prompt_embeddings(ds.classnames, tmpl)
-            for i, key in enumerate(keys):
-                if (name, key) in done:
+    return done
+
+
+def run(clfs: dict, x, y, keys, conds: dict, sha: str) -> None:
+    """Classify this process's shard of images, every strategy per image, appending to the log."""
+    done = read_log(sha, keys)
+    torch.set_num_threads(1 if SHARDS > 1 else torch.get_num_threads())
+    with open(LOG, "a") as f:
+        for i in range(SHARD, len(keys), SHARDS):
+            for name, clf in clfs.items():
+                if (name, keys[i]) in done or (name == "fixed_fp32" and i >= FP32_CHECK):
                     continue
                 t0 = time.perf_counter()
-                o = clf.classify_one(x[i], cond, image_seed=i)
-                r = {"strategy": name, "key": key, "label": int(y[i]), "pred": o["pred"], "evals": o["evals"],
-                     "seconds": time.perf_counter() - t0, "model_sha": model.meta["sha"]}
+                o = clf.classify_one(x[i], conds[name], image_seed=i)
+                r = {"strategy": name, "key": keys[i], "label": int(y[i]), "pred": o["pred"], "evals": o["evals"],
+                     "seconds": time.perf_counter() - t0, "model_sha": sha}
                 f.write(json.dumps(r) + "\n")
                 f.flush()
-                done[(name, key)] = r
-            print(f"{name}: done", flush=True)
-    rows, out = [["strategy", "acc1", "evals/image", "s/image"]], []
-    for name in clfs:
-        rs = [done[(name, k)] for k in keys]
-        acc = float(np.mean([r["pred"] == r["label"] for r in rs]))
-        out.append({"strategy": name, "acc1": acc, "evals_per_image": float(np.mean([r["evals"] for r in rs])),
+            print(f"[{SHARD}/{SHARDS}] image {i + 1}/{len(keys)}", flush=True)
+
+
+def paired_bootstrap(a: np.ndarray, b: np.ndarray, n: int = 10_000) -> list[float]:
+    """95% interval of mean(a) - mean(b) over images resampled together (the strategies share images)."""
+    rng = np.random.default_rng(0)
+    idx = rng.integers(0, len(a), (n, len(a)))
+    d = a[idx].mean(1) - b[idx].mean(1)
+    return [float(np.quantile(d, 0.025)), float(np.quantile(d, 0.975))]
+
+
+def report(clfs: dict, ds, keys, model, tmpl) -> None:
+    done = read_log(model.meta["sha"], keys)
+    names = [n for n in clfs if n != "fixed_fp32"]
+    full = [k for k in keys if all((n, k) in done for n in names)]
+    if not full:
+        raise SystemExit("no image has every strategy yet: run the benchmark first")
+    rows, out, correct = [["strategy", "acc1", "evals/image", "s/image"]], [], {}
+    for name in names:
+        rs = [done[(name, k)] for k in full]
+        correct[name] = np.array([r["pred"] == r["label"] for r in rs], dtype=float)
+        out.append({"strategy": name, "acc1": float(correct[name].mean()),
+                    "evals_per_image": float(np.mean([r["evals"] for r in rs])),
                     "seconds_per_image": float(np.mean([r["seconds"] for r in rs]))})
-        rows.append([name, f"{acc:.4f}", f"{out[-1]['evals_per_image']:.0f}", f"{out[-1]['seconds_per_image']:.2f}"])
+        rows.append([name, f"{out[-1]['acc1']:.4f}", f"{out[-1]['evals_per_image']:.0f}",
+                     f"{out[-1]['seconds_per_image']:.2f}"])
     lite = load_model("builtin:lite-clip")
-    zs = zeroshot.evaluate(lite, embed(lite, ds))["metrics"]["acc1"]
+    feats = embed(lite, ds)
+    lite_pred = dict(zip(feats.keys, zeroshot.evaluate(lite, feats)["_scores"].argmax(1).tolist()))
+    zs = float(np.mean([lite_pred[k] == done[("fixed", k)]["label"] for k in full]))
     rows.append(["builtin:lite-clip zero-shot", f"{zs:.4f}", "-", "-"])
+    print(f"{len(full)} images with every strategy")
     print(table_text(rows))
+    ad, ha = correct["adaptive"], correct["halving"]
+    gap = {"halving_minus_adaptive_acc1": float(ha.mean() - ad.mean()), "ci95": paired_bootstrap(ha, ad),
+           "evals_ratio": out[names.index("halving")]["evals_per_image"] / out[names.index("adaptive")]["evals_per_image"]}
+    print(f"halving - adaptive: {gap['halving_minus_adaptive_acc1']:+.4f} (95% CI {gap['ci95'][0]:+.3f}..{gap['ci95'][1]:+.3f}), "
+          f"evals ratio {gap['evals_ratio']:.3f}")
+    chk = [k for k in full if ("fixed_fp32", k) in done]
+    agree = float(np.mean([done[("fixed_fp32", k)]["pred"] == done[("fixed", k)]["pred"] for k in chk])) if chk else None
+    print(f"fixed: bf16 vs fp32 same prediction on {len(chk)} images: {agree}")
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -83,15 +118,32 @@ def main() -> None:
         ax.scatter(o["evals_per_image"], o["acc1"], s=40)
         ax.annotate(o["strategy"], (o["evals_per_image"], o["acc1"]), textcoords="offset points", xytext=(5, 5))
     ax.axhline(zs, color="grey", ls="--", label="lite-clip zero-shot")
+    ax.axhline(0.1, color="lightgrey", ls=":", label="chance")
     ax.set_xscale("log")
     ax.set_xlabel("denoiser evaluations per image")
     ax.set_ylabel("accuracy")
-    ax.set_title(f"CIFAR-10 test ({len(keys)} images), {model.name}")
+    ax.set_title(f"CIFAR-10 test ({len(full)} images), {model.name}")
     ax.legend()
     fig.savefig(RESULTS / "diffusion.png", dpi=110, bbox_inches="tight")
     save("diffusion", {"model": model.name, "model_meta": {k: model.meta.get(k) for k in ("step", "final_loss", "command", "sha")},
-                       "n_images": len(keys), "templates": tmpl, "strategies": out, "lite_clip_acc1": zs,
-                       "halving_budget": ADAPTIVE_EVALS // 4})
+                       "n_images": len(full), "n_images_planned": N, "images": full, "templates": tmpl,
+                       "precision": "bf16 autocast", "strategies": out, "lite_clip_acc1": zs,
+                       "halving_budget": ADAPTIVE_EVALS // 4, "halving_vs_adaptive": gap,
+                       "bf16_fp32_agreement_fixed": {"n_images": len(chk), "same_prediction": agree}})
+
+
+def main() -> None:
+    ds = load_dataset(shared_dir() / "data/cifar10/test-000000.tar.gz", limit=N)
+    clfs = strategies("builtin:tiny-diffusion-cifar10")
+    model = clfs["fixed"].model
+    clfs["fixed_fp32"] = DiffusionClassifier(model, "fixed", loss="l1", n_samples=50, precision="fp32")
+    x, y, keys = image_tensors(ds, model.image_size)
+    tmpl = default_templates(model)
+    if os.environ.get("DIFFUSION_REPORT") != "1":
+        conds = {name: clf.prompt_embeddings(ds.classnames, tmpl) for name, clf in clfs.items()}
+        run(clfs, x, y, keys, conds, model.meta["sha"])
+    if SHARDS == 1 or os.environ.get("DIFFUSION_REPORT") == "1":
+        report(clfs, ds, keys, model, tmpl)
 
 
 if __name__ == "__main__":

@@ -84,3 +84,50 @@ def test_bad_input(tmp_path):
         DiffusersModel(NoText(), "x")
     with pytest.raises(ConceptlensError, match="not available offline"):
         DiffusionClassifier("diffusers:someone/not-here")
+
+
+@pytest.fixture
+def cifar_like(tmp_path):
+    """Two labelled classes of 32x32 images (CIFAR-sized) in class subfolders."""
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for ci, cls in enumerate(["cat", "ship"]):
+        d = tmp_path / "cifar" / cls
+        d.mkdir(parents=True)
+        for i in range(6):
+            arr = rng.integers(0, 80, (32, 32, 3), dtype=np.uint8)
+            arr[..., 0 if ci == 0 else 2] += 170
+            Image.fromarray(arr).save(d / f"{i}.png")
+    return tmp_path / "cifar"
+
+
+def test_training_resumes_exactly(tmp_path, cifar_like):
+    """Two steps, stop, two more == four straight (every step's batch/noise/captions depend on (seed, step) only)."""
+    from safetensors.torch import load_file
+
+    from conceptlens.diffusion.model import load_tiny_diffusion
+    from conceptlens.train.diffusion import train_diffusion
+    kw = dict(batch_size=4, ckpt_every=1, threads=1)
+    train_diffusion(str(cifar_like), tmp_path / "a", steps=2, export=tmp_path / "a.safetensors", **kw)
+    res = train_diffusion(str(cifar_like), tmp_path / "a", steps=4, export=tmp_path / "a.safetensors", **kw)
+    train_diffusion(str(cifar_like), tmp_path / "b", steps=4, export=tmp_path / "b.safetensors", **kw)
+    assert res["step"] == 4
+    a, b = (load_file(str(tmp_path / p / "checkpoint.safetensors")) for p in "ab")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    model = load_tiny_diffusion(str(tmp_path / "a.safetensors"))
+    assert model.meta["step"] == 4 and model.meta["train_config"]["data_provenance"]["n_images"] == 12
+    with pytest.raises(ConceptlensError, match="other settings"):
+        train_diffusion(str(cifar_like), tmp_path / "a", steps=5, lr=1e-3, **kw)
+
+
+def test_embedded_model_cli_bad_input(tmp_path, image_folder, cifar_like, capsys):
+    from conceptlens.cli import main
+    assert main(["diffusion-classify", "--data", str(image_folder)]) == 2  # 40x48 images
+    assert "classifies 32x32 images" in capsys.readouterr().err
+    assert main(["diffusion-classify", "--data", str(cifar_like), "--budget", "1"]) == 2
+    assert "budget 1 is smaller than the number of classes (2)" in capsys.readouterr().err
+    out = tmp_path / "res.json"
+    assert main(["diffusion-classify", "--data", str(cifar_like), "--strategy", "fixed", "--n-samples", "2",
+                 "--precision", "bf16", "--output", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["metrics"]["evals_per_image"] == 4 and res["n_images"] == 12 and res["task"] == "zeroshot_classification"

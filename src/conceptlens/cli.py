@@ -262,6 +262,7 @@ def run(a) -> int:
             raise ConceptlensError(f"budget {a.budget} is smaller than the number of classes ({len(ds.classnames)})")
         tmpl = [t.replace("{c}", "{}") for t in load_templates(a.templates)] if a.templates else None
         res = evaluate(clf, ds, tmpl)
+        res.pop("_scores")
         m = res["metrics"]
         print(table_text([["dataset", "model", "strategy", "images", "acc1", "evals/image", "s/image"],
                           [res["dataset"], clf.model.name, a.strategy, res["n_images"], f"{m['acc1']:.4f}",

@@ -1,4 +1,5 @@
-"""`conceptlens demo`: zero-shot with the embedded model on bundled photos and, when present, ../shared data."""
+"""`conceptlens demo`: zero-shot with the embedded model on bundled photos and, when present, ../shared data
+(plus the embedded diffusion classifier on CIFAR-10 test images beside lite-clip)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -13,6 +14,7 @@ from .models import load_model
 from .report import confusion_figure, fig_b64, table_text, thumb_b64, write_html
 from .utils import atomic_write_json, shared_dir
 
+DIFFUSION_DEMO = {"images": 40, "strategy": "halving", "budget": 200}
 SHARED_SETS = [("imagenette", "data/imagenette/val", 500), ("cifar10", "data/cifar10/test-000000.tar.gz", 1000),
                ("pacs_photo", "data/pacs/photo", 500)]
 
@@ -58,9 +60,32 @@ def run(report: Path, model_name: str = "builtin:lite-clip", templates: str = "o
         sections.append({"title": f"{name}: confusion matrix (acc1 {m['acc1']:.3f})",
                          "image": fig_b64(confusion_figure(np.asarray(feats.labels), preds, feats.classnames, name))})
     print(table_text(rows))
+    cifar = shared / SHARED_SETS[1][1]
+    if cifar.exists():
+        sections.append(diffusion_section(cifar, model, templates, results))
     report = Path(report)
     sections.insert(0, {"title": f"Zero-shot with {model.name} ({templates} templates)", "table": rows})
     write_html(report / "index.html", f"conceptlens demo — {model.name}", sections)
     atomic_write_json(report / "results.json", results)
     print(f"report: {report / 'index.html'}")
     return results
+
+
+def diffusion_section(spec: Path, model, templates: str, results: dict) -> dict:
+    """The embedded diffusion classifier (our halving strategy, bf16) on a few CIFAR-10 test images vs lite-clip."""
+    from .diffusion.classifier import DiffusionClassifier, evaluate
+    ds = load_dataset(spec, limit=DIFFUSION_DEMO["images"])
+    clf = DiffusionClassifier("builtin:tiny-diffusion-cifar10", DIFFUSION_DEMO["strategy"], loss="l1",
+                              budget=DIFFUSION_DEMO["budget"], precision="bf16")
+    res = evaluate(clf, ds)
+    preds = res.pop("_scores").argmax(1).numpy()
+    lite = zeroshot.evaluate(model, embed(model, ds), templates=templates)["metrics"]["acc1"]
+    m = res["metrics"]
+    rows = [["classifier", "images", "acc1", "denoiser evals/image", "s/image"],
+            [f"{clf.model.name} ({clf.strategy}, budget {clf.budget})", res["n_images"], f"{m['acc1']:.3f}",
+             f"{m['evals_per_image']:.0f}", f"{m['seconds_per_image']:.2f}"],
+            [f"{model.name} zero-shot", res["n_images"], f"{lite:.3f}", "-", "-"]]
+    print(table_text(rows))
+    results["cifar10_diffusion"] = res | {"lite_clip_acc1_same_images": lite}
+    return {"title": "Diffusion zero-shot on CIFAR-10 test (unseen prompt templates)", "table": rows,
+            "image": fig_b64(confusion_figure(np.asarray(ds.labels), preds, ds.classnames, "diffusion classifier"))}

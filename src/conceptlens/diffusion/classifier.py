@@ -337,4 +337,5 @@ def evaluate(clf: DiffusionClassifier, dataset, templates: Sequence[str] | None 
     res.update({"strategy": clf.strategy, "loss": clf.loss, "target": clf.target, "templates": tmpl,
                 "n_images": len(out), "classnames": list(dataset.classnames),
                 "predictions": [{"key": k, "pred": o["pred"], "evals": o["evals"]} for k, o in zip(keys, out)]})
+    res["_scores"] = scores  # for reports; dropped when written
     return res
