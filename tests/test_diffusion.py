@@ -86,21 +86,6 @@ def test_bad_input(tmp_path):
         DiffusionClassifier("diffusers:someone/not-here")
 
 
-@pytest.fixture
-def cifar_like(tmp_path):
-    """Two labelled classes of 32x32 images (CIFAR-sized) in class subfolders."""
-    from PIL import Image
-    rng = np.random.default_rng(0)
-    for ci, cls in enumerate(["cat", "ship"]):
-        d = tmp_path / "cifar" / cls
-        d.mkdir(parents=True)
-        for i in range(6):
-            arr = rng.integers(0, 80, (32, 32, 3), dtype=np.uint8)
-            arr[..., 0 if ci == 0 else 2] += 170
-            Image.fromarray(arr).save(d / f"{i}.png")
-    return tmp_path / "cifar"
-
-
 def test_training_resumes_exactly(tmp_path, cifar_like):
     """Two steps, stop, two more == four straight (every step's batch/noise/captions depend on (seed, step) only)."""
     from safetensors.torch import load_file
