@@ -84,6 +84,9 @@ def test_bad_input(tmp_path):
         DiffusersModel(NoText(), "x")
     with pytest.raises(ConceptlensError, match="not available offline"):
         DiffusionClassifier("diffusers:someone/not-here")
+    model.denoise = lambda z, t, c: torch.full_like(z, float("nan"))  # an overflowing half-precision denoiser
+    with pytest.raises(ConceptlensError, match="non-finite denoiser output under bf16"):
+        DiffusionClassifier(model, precision="bf16").predict(torch.zeros(1, 3, 16, 16), CLASSES, ["{}"], False)
 
 
 def test_training_resumes_exactly(tmp_path, cifar_like):
