@@ -96,10 +96,11 @@ def test_training_resumes_exactly(tmp_path, cifar_like):
     from conceptlens.diffusion.model import load_tiny_diffusion
     from conceptlens.train.diffusion import train_diffusion
     kw = dict(batch_size=4, ckpt_every=1, threads=1)
+    threads = torch.get_num_threads()
     train_diffusion(str(cifar_like), tmp_path / "a", steps=2, export=tmp_path / "a.safetensors", **kw)
     res = train_diffusion(str(cifar_like), tmp_path / "a", steps=4, export=tmp_path / "a.safetensors", **kw)
     train_diffusion(str(cifar_like), tmp_path / "b", steps=4, export=tmp_path / "b.safetensors", **kw)
-    assert res["step"] == 4
+    assert res["step"] == 4 and torch.get_num_threads() == threads
     a, b = (load_file(str(tmp_path / p / "checkpoint.safetensors")) for p in "ab")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     model = load_tiny_diffusion(str(tmp_path / "a.safetensors"))

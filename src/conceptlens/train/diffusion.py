@@ -68,9 +68,17 @@ def train_diffusion(data: str, out: Path, steps: int = 6000, batch_size: int = 6
                     seed: int = 0, threads: int | None = None, ckpt_every: int = 100, cond_dropout: float = 0.1,
                     ema_decay: float = 0.9995, export: Path | None = None, command: str = "") -> dict:
     """Train (or resume) to `steps`; checkpoint every `ckpt_every` steps and on Ctrl-C/SIGTERM; export EMA weights."""
+    prev_threads = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
-    out = Path(out)
+    try:
+        return _train(data, Path(out), steps, batch_size, lr, seed, ckpt_every, cond_dropout, ema_decay, export, command)
+    finally:
+        torch.set_num_threads(prev_threads)  # a notebook's thread setting survives the call
+
+
+def _train(data: str, out: Path, steps: int, batch_size: int, lr: float, seed: int, ckpt_every: int,
+           cond_dropout: float, ema_decay: float, export: Path | None, command: str) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     images, labels, classnames, prov = image_array(data)
     texts, owner = caption_bank(classnames)
