@@ -54,17 +54,18 @@ def read_log(sha: str, keys: list[str]) -> dict:
     return done
 
 
-def run(clfs: dict, x, y, keys, conds: dict, sha: str) -> None:
+def run(clfs: dict, x, y, keys, cond: torch.Tensor, sha: str) -> None:
     """Classify this process's shard of images, every strategy per image, appending to the log."""
     done = read_log(sha, keys)
-    torch.set_num_threads(1 if SHARDS > 1 else torch.get_num_threads())
+    if SHARDS > 1:
+        torch.set_num_threads(1)
     with open(LOG, "a") as f:
         for i in range(SHARD, len(keys), SHARDS):
             for name, clf in clfs.items():
                 if (name, keys[i]) in done or (name == "fixed_fp32" and i >= FP32_CHECK):
                     continue
                 t0 = time.perf_counter()
-                o = clf.classify_one(x[i], conds[name], image_seed=i)
+                o = clf.classify_one(x[i], cond, image_seed=i)
                 r = {"strategy": name, "key": keys[i], "label": int(y[i]), "pred": o["pred"], "evals": o["evals"],
                      "seconds": time.perf_counter() - t0, "model_sha": sha}
                 f.write(json.dumps(r) + "\n")
@@ -140,8 +141,8 @@ def main() -> None:
     x, y, keys = image_tensors(ds, model.image_size)
     tmpl = default_templates(model)
     if os.environ.get("DIFFUSION_REPORT") != "1":
-        conds = {name: clf.prompt_embeddings(ds.classnames, tmpl) for name, clf in clfs.items()}
-        run(clfs, x, y, keys, conds, model.meta["sha"])
+        cond = clfs["fixed"].prompt_embeddings(ds.classnames, tmpl)  # depends on the model only: shared
+        run(clfs, x, y, keys, cond, model.meta["sha"])
     if SHARDS == 1 or os.environ.get("DIFFUSION_REPORT") == "1":
         report(clfs, ds, keys, model, tmpl)
 

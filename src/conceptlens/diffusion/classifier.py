@@ -282,8 +282,6 @@ class DiffusionClassifier:
                 show_progress: bool = True, seeds: Sequence[int] | None = None) -> list[dict]:
         """Classify a batch of images [B,3,H,W] in [-1,1]."""
         from ..utils import progress
-        if self.strategy == "halving" and self.budget is not None and self.budget < len(classnames):
-            raise ConceptlensError(f"budget {self.budget} is smaller than the number of classes ({len(classnames)})")
         cond = self.prompt_embeddings(classnames, templates)
         seeds = list(seeds) if seeds is not None else list(range(len(images)))
         return [self.classify_one(images[i], cond, seeds[i])
