@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test bench clean-cache
+.PHONY: setup demo test lint bench clean-cache
 
 setup: $(STAMP)
 
@@ -28,7 +28,11 @@ $(STAMP): pyproject.toml requirements/dev.txt requirements/nodeps.txt
 demo: setup
 	$(BIN)/conceptlens demo --report out/demo
 
-test: setup
+lint: setup
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/lint-imports
+
+test: lint
 	$(BIN)/python -m pytest tests
 
 bench: setup

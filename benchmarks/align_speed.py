@@ -9,7 +9,7 @@ import time
 import numpy as np
 
 from common import save, table_text
-from conceptlens.align import Aligner
+from conceptlens.concepts.align import Aligner
 from text_to_concept import FIT, feats
 from conceptlens.models import load_model
 

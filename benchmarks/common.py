@@ -11,7 +11,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from conceptlens.report import table_text  # noqa: E402
-from conceptlens.utils import atomic_write_json, shared_dir  # noqa: E402
+from conceptlens.io import atomic_write_json, shared_dir  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from common import RESULTS, save, shared_dir, table_text
-from conceptlens import zeroshot
+from conceptlens.eval import zeroshot
 from conceptlens.data import load_dataset
 from conceptlens.diffusion.classifier import PRESETS, DiffusionClassifier, default_templates, image_tensors
 from conceptlens.features import embed
@@ -126,7 +126,8 @@ def report(clfs: dict, ds, keys, model, tmpl) -> None:
     ax.set_title(f"CIFAR-10 test ({len(full)} images), {model.name}")
     ax.legend()
     fig.savefig(RESULTS / "diffusion.png", dpi=110, bbox_inches="tight")
-    save("diffusion", {"model": model.name, "model_meta": {k: model.meta.get(k) for k in ("step", "final_loss", "command", "sha")},
+    meta = {k: model.meta.get(k) for k in ("step", "final_loss", "command", "sha")}
+    save("diffusion", {"model": model.name, "model_meta": meta,
                        "n_images": len(full), "n_images_planned": N, "images": full, "templates": tmpl,
                        "precision": "bf16 autocast", "strategies": out, "lite_clip_acc1": zs,
                        "halving_budget": ADAPTIVE_EVALS // 4, "halving_vs_adaptive": gap,
@@ -135,7 +136,7 @@ def report(clfs: dict, ds, keys, model, tmpl) -> None:
 
 def main() -> None:
     ds = load_dataset(shared_dir() / "data/cifar10/test-000000.tar.gz", limit=N)
-    clfs = strategies("builtin:tiny-diffusion-cifar10")
+    clfs = strategies(load_model("builtin:tiny-diffusion-cifar10"))
     model = clfs["fixed"].model
     clfs["fixed_fp32"] = DiffusionClassifier(model, "fixed", loss="l1", n_samples=50, precision="fp32")
     x, y, keys = image_tensors(ds, model.image_size)

@@ -12,11 +12,19 @@ import torch
 from PIL import Image
 
 from common import save, shared_dir, table_text
-from conceptlens import load_model, zeroshot
+from conceptlens.eval import zeroshot
+from conceptlens.models import load_model
 from conceptlens.data import load_dataset
 from conceptlens.features import embed
 
 N = 640
+
+
+def timed(fn, *args, **kw):
+    """(result, wall seconds) of one call."""
+    t = time.perf_counter()
+    out = fn(*args, **kw)
+    return out, time.perf_counter() - t
 
 
 def naive(model, files) -> np.ndarray:
@@ -37,10 +45,10 @@ def main() -> dict:
     ds = load_dataset(root, limit=N)
     files = [str(root / k) for k in ds.keys]
     model = load_model("builtin:efficientnet-lite0")
-    t = time.perf_counter(); ref = naive(model, files); t_naive = time.perf_counter() - t
-    t = time.perf_counter(); ours = embed(model, ds, use_cache=False, show_progress=False); t_ours = time.perf_counter() - t
-    t = time.perf_counter(); embed(model, ds, show_progress=False); t_cold = time.perf_counter() - t
-    t = time.perf_counter(); hit = embed(model, ds, show_progress=False); t_hit = time.perf_counter() - t
+    ref, t_naive = timed(naive, model, files)
+    ours, t_ours = timed(embed, model, ds, use_cache=False, show_progress=False)
+    _, t_cold = timed(embed, model, ds, show_progress=False)
+    hit, t_hit = timed(embed, model, ds, show_progress=False)
     assert hit.cache_hit
     cos = torch.nn.functional.cosine_similarity(torch.from_numpy(ref), ours.tensor())
     lite = load_model("builtin:lite-clip")

@@ -18,7 +18,7 @@ from conceptlens.data import load_dataset
 from conceptlens.explain import CaptionBankIndex, explain, find_groups, normalised
 from conceptlens.features import embed
 from conceptlens.models import load_model
-from conceptlens.wordnet import hypernym_words, index, lemmatize, nouns
+from conceptlens.data.wordnet import hypernym_words, index, lemmatize, nouns
 
 D = shared_dir() / "data"
 SETS = {"imagenette": (D / "imagenette/train", D / "imagenette/val"),

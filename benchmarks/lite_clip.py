@@ -15,11 +15,12 @@ import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 
 from common import save, shared_dir, table_text
-from conceptlens import zeroshot
+from conceptlens.eval import zeroshot
+from conceptlens.eval import retrieval_metrics
 from conceptlens.data import load_dataset
 from conceptlens.features import embed, embed_texts
 from conceptlens.models import load_model
-from conceptlens.models.builtin import minilm
+from conceptlens.models.text import minilm
 from conceptlens.models.lite_clip import conse_parts
 from conceptlens.train.lite_clip import HYPER, build, flickr8k_views, split_pairs
 
@@ -42,7 +43,7 @@ def evaluate(model, feats: dict, flickr) -> dict:
     zs = {name: zeroshot.evaluate(model, f, templates="openai")["metrics"]["acc1"] for name, f in feats.items()}
     img, caps, owner = flickr
     with torch.no_grad():
-        ret = zeroshot.retrieval_metrics(img, model.head(embed_texts(minilm(), caps)), owner)
+        ret = retrieval_metrics(img, model.head(embed_texts(minilm(), caps)), owner)
     things = feats["pacs_photo"].classnames
     photo_x = F.normalize(feats["pacs_photo"].tensor(), dim=-1)
     photo_t = text_side(model, [t.format(c) for t in PHOTO for c in things])

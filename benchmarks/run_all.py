@@ -4,8 +4,16 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-for name in ("zeroshot_accuracy", "embed_speed", "embed_memory", "lite_clip", "text_to_concept", "falcon",
-             "clip_training", "diffusion"):
-    print(f"\n=== {name} ===")
-    runpy.run_path(str(HERE / f"{name}.py"), run_name="__main__")
+NAMES = ("startup", "zeroshot_accuracy", "embed_speed", "embed_memory", "lite_clip", "text_to_concept", "falcon",
+         "clip_training", "diffusion")
+
+
+def main() -> None:
+    sys.path.insert(0, str(HERE))
+    for name in NAMES:
+        print(f"\n=== {name} ===")
+        runpy.run_path(str(HERE / f"{name}.py"), run_name="__main__")
+
+
+if __name__ == "__main__":
+    main()

@@ -12,15 +12,15 @@ import numpy as np
 import torch
 
 from common import save, shared_dir, table_text
-from conceptlens import zeroshot
-from conceptlens.align import Aligner, AlignedModel
+from conceptlens.eval import zeroshot
+from conceptlens.concepts.align import Aligner
 from conceptlens.concepts import default_concepts, run_cbm, run_diagnose
 from conceptlens.data import load_dataset
-from conceptlens.decode import CaptionMemory
+from conceptlens.concepts.decode import CaptionMemory
 from conceptlens.features import Features, embed
 from conceptlens.models import load_model
-from conceptlens.search import ConceptIndex, parse, search
-from conceptlens.wordnet import hypernym_words
+from conceptlens.concepts.search import ConceptIndex, parse, search
+from conceptlens.data.wordnet import hypernym_words
 
 D = shared_dir() / "data"
 EVAL = {"imagenette": D / "imagenette/val", "cifar10": D / "cifar10/test-000000.tar.gz", "pacs_photo": D / "pacs/photo"}
@@ -50,17 +50,16 @@ def main() -> None:
         timing[method] = {"seconds": time.perf_counter() - t0, **al.metrics_}
         if method == "ridge":
             general = al
-    general.meta_ = {"path": "general", "sha": "bench"}
     out["general_aligner"] = {"fit_on": [str(p) for p in FIT], "n_images": int(len(Xs)), "methods": timing,
                               "ridge_speedup_vs_sgd": timing["sgd"]["seconds"] / timing["ridge"]["seconds"],
                               "ridge_r2_minus_sgd_r2": timing["ridge"]["r2"] - timing["sgd"]["r2"]}
-    aligned = AlignedModel(src, general, tgt)
+    aligned = general.to_model(src, tgt)
     # -- zero-shot: aligned vs lite-clip's own, same images; plus per-dataset held-out fits
     zs = {}
     for name, path in EVAL.items():
         fs, ft = feats(src, path), feats(tgt, path)
         own = zeroshot.evaluate(tgt, ft)["metrics"]["acc1"]
-        fa = Features(general.transform(fs.X), fs.labels, fs.keys, fs.classnames, [], aligned.name, fs.dataset)
+        fa = feats(aligned, path)
         al_acc = zeroshot.evaluate(aligned, fa)["metrics"]["acc1"]
         per = Aligner("ridge").fit(np.asarray(fs.X), np.asarray(ft.X))
         clf = zeroshot.build_classifier(tgt, fs.classnames, zeroshot.openai_templates())
@@ -76,9 +75,8 @@ def main() -> None:
     out["zeroshot"] = zs
     # -- shift: PACS photo vs sketch
     concepts = default_concepts(load_dataset(D / "pacs/photo").classnames)
-    fp, fk = feats(src, D / "pacs/photo"), feats(src, D / "pacs/sketch")
-    fpa = Features(general.transform(fp.X), fp.labels, fp.keys, fp.classnames, [], aligned.name, "pacs_photo")
-    fka = Features(general.transform(fk.X), fk.labels, fk.keys, fk.classnames, [], aligned.name, "pacs_sketch")
+    fp = feats(src, D / "pacs/photo")
+    fpa, fka = feats(aligned, D / "pacs/photo"), feats(aligned, D / "pacs/sketch")
     diag = run_diagnose(aligned, fpa, fka, concepts)["concepts"]
     top5 = [r["concept"] for r in diag[:5]]
     out["shift"] = {"n_concepts": len(concepts), "top10": diag[:10], "top5": top5,
@@ -114,10 +112,8 @@ def main() -> None:
     cbm = {}
     for name, tr_p, te_p in (("imagenette", D / "imagenette/train", D / "imagenette/val"),
                              ("cifar10", D / "cifar10/train-00000{0..1}.tar.gz", D / "cifar10/test-000000.tar.gz")):
-        ftr, fte = feats(src, tr_p), feats(src, te_p)
-        atr = Features(general.transform(ftr.X), ftr.labels, ftr.keys, ftr.classnames, [], aligned.name, name)
-        ate = Features(general.transform(fte.X), fte.labels, fte.keys, fte.classnames, [], aligned.name, name)
-        res = run_cbm(aligned, atr, ate, default_concepts(ftr.classnames), None, 30, (ftr, fte))
+        tr_ds, te_ds = load_dataset(tr_p), load_dataset(te_p)
+        res = run_cbm(aligned, tr_ds, te_ds, default_concepts(tr_ds.classnames), 30, show_progress=False)
         cbm[name] = {k: res[k] for k in ("n_concepts", "cbm_acc1", "linear_probe_acc1", "C")} | {
             "max_nonzero_per_class": max(res["nonzero_per_class"].values()),
             "gap_points": 100 * (res["linear_probe_acc1"] - res["cbm_acc1"]),

@@ -10,7 +10,8 @@ import time
 import torch
 
 from common import save, shared_dir, table_text
-from conceptlens import load_model, zeroshot
+from conceptlens.eval import zeroshot
+from conceptlens.models import load_model
 from conceptlens.data import load_dataset
 from conceptlens.features import embed
 from conceptlens.models.lite_clip import imagenet_classes

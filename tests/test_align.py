@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from conceptlens import align
-from conceptlens.align import Aligner, apply_aligner
+from conceptlens.concepts import align
+from conceptlens.concepts.align import Aligner
 from conceptlens.cli import main
 from conceptlens.errors import ConceptlensError
 
@@ -71,7 +71,7 @@ def test_bad_input_is_a_clear_error():
     with pytest.raises(ConceptlensError, match="expects 24-d"):
         al.transform(np.zeros((2, 7)))
     with pytest.raises(ConceptlensError, match="unknown alignment method"):
-        Aligner("magic")
+        Aligner("magic").fit(X, Y)
 
 
 def test_aligner_file_round_trip_and_model_mismatch(tmp_path):
@@ -82,9 +82,8 @@ def test_aligner_file_round_trip_and_model_mismatch(tmp_path):
                                                  "layer": None})
     back = Aligner.load(path)
     assert np.array_equal(back.W_, al.W_) and back.meta_["metrics"]["r2"] == pytest.approx(al.metrics_["r2"])
-    enet = load_model("builtin:efficientnet-lite0/random")
     with pytest.raises(ConceptlensError, match="maps builtin:mobilenetv2"):
-        apply_aligner(enet, path)
+        load_model("builtin:efficientnet-lite0/random", aligner=str(path))
     assert main(["zeroshot", "--model", "builtin:efficientnet-lite0", "--aligner", str(path), "--data", "samples"]) == 2
 
 

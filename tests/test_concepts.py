@@ -5,9 +5,9 @@ import torch
 
 from conceptlens.cli import main
 from conceptlens.concepts import ConceptBottleneck, diagnose
-from conceptlens.decode import CaptionMemory, shared_words
+from conceptlens.concepts.decode import CaptionMemory, shared_words
 from conceptlens.errors import ConceptlensError
-from conceptlens.search import ConceptIndex, parse, terms_of
+from conceptlens.concepts.search import ConceptIndex, parse, terms_of
 
 
 def brute_force(X, tree, emb, k, k_pos=1.0, k_neg=0.0):
@@ -67,14 +67,14 @@ def test_cbm_is_sparse_and_accurate_on_separable_concepts():
     y = rng.integers(0, 3, 600)
     A = rng.normal(size=(600, 40))
     A[np.arange(600), y] += 3  # concept c fires for class c
-    cbm = ConceptBottleneck(max_concepts=5).fit(A[:400], y[:400], [f"c{i}" for i in range(40)])
+    cbm = ConceptBottleneck(max_concepts=5).fit(A[:400], y[:400])
     assert max(cbm.nonzero_per_class()) <= 5
     assert cbm.score(A[400:], y[400:]) > 0.9
-    assert cbm.top_concepts(["k0", "k1", "k2"])["k1"][0][0] == "c1"
+    assert cbm.top_concepts([f"c{i}" for i in range(40)], ["k0", "k1", "k2"])["k1"][0][0] == "c1"
 
 
 def test_caption_memory_decodes_its_own_captions():
-    from conceptlens.models.builtin import minilm
+    from conceptlens.models.text import minilm
     caps = ["a dog runs on the grass", "a red car parked on a street", "two children play on a beach",
             "a plate of pasta with tomato sauce", "a man rides a horse in a field"]
     mem = CaptionMemory(caps, torch.nn.functional.normalize(minilm().encode_text(caps), dim=-1))

@@ -1,4 +1,6 @@
 """FALCON: concepts from captions, the contrastive step, thresholds and groups, bad input, the CLI."""
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -53,6 +55,10 @@ def test_explain_cli(tmp_path, image_folder, capsys):
     rc = main(["explain", "--model", "builtin:mobilenetv2", "--data", str(image_folder), "--features", "3,5",
                "--top-n", "4", "--captions", str(bank), "--report", str(tmp_path / "rep")])
     assert rc == 0 and (tmp_path / "rep" / "index.html").exists()
+    res = json.loads((tmp_path / "rep" / "explanations.json").read_text())["explanations"]
+    assert len(res) == 1 and res[0]["features"] == [3, 5] and res[0]["n_high"] == 4
+    bank_words = {"red", "square", "table", "blue", "sky", "bright", "wall", "deep", "sea"}
+    assert res[0]["words"] and {w["concept"] for w in res[0]["words"]} <= bank_words
     assert main(["explain", "--model", "builtin:mobilenetv2", "--data", str(image_folder), "--features", "5000",
                  "--captions", str(bank)]) == 2
     assert "out of range" in capsys.readouterr().err

@@ -10,10 +10,12 @@ import pytest
 import torch
 from PIL import Image
 
-from conceptlens import load_model, zeroshot
+from conceptlens.eval import zeroshot
+from conceptlens.models import load_model
 from conceptlens.data import load_dataset
 from conceptlens.features import embed
-from conceptlens.models.lite_clip import asset_path, read_metadata
+from conceptlens.io import read_safetensors_meta as read_metadata
+from conceptlens.models.lite_clip import asset_path
 from conftest import shared
 
 TINY = "torchvision:mobilenet_v3_small/random"
@@ -42,7 +44,7 @@ def test_features_match_plain_preprocess_loop(image_folder):
 
 RESUME = r"""
 import sys, os
-from conceptlens import load_model
+from conceptlens.models import load_model
 from conceptlens.data import load_dataset
 from conceptlens.features import embed
 embed(load_model(sys.argv[1]), load_dataset(sys.argv[2]), batch_size=4, precision="fp32")
@@ -121,6 +123,7 @@ def test_lite_clip_samples_zero_shot_beats_chance():
     ("cifar10", "data/cifar10/test-000000.tar.gz", 500, 0.45),
     ("pacs_photo", "data/pacs/photo", 300, 0.58),
 ])
+@pytest.mark.slow
 def test_lite_clip_real_accuracy_floor(name, rel, limit, floor):
     m = load_model("builtin:lite-clip")
     f = embed(m, load_dataset(shared(rel), limit=limit))

@@ -1,13 +1,16 @@
 """The learned lite-clip: deterministic head training, shipped metadata, floors for retrieval and domain probes."""
 import numpy as np
+import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from conceptlens import zeroshot
+from conceptlens.eval import zeroshot
+from conceptlens.eval import retrieval_metrics
 from conceptlens.data import load_dataset, read_flickr8k
 from conceptlens.features import embed
 from conceptlens.models import load_model
-from conceptlens.models.lite_clip import asset_path, read_metadata
+from conceptlens.io import read_safetensors_meta as read_metadata
+from conceptlens.models.lite_clip import asset_path
 from conceptlens.train.lite_clip import HYPER, train_head
 from conftest import shared
 
@@ -37,6 +40,7 @@ def test_shipped_weights_carry_their_provenance():
     assert m.head.mix == "both" and m.head.residual.weight.abs().sum() > 0
 
 
+@pytest.mark.slow
 def test_flickr8k_retrieval_floor_on_a_test_subset(tmp_path):
     root = shared("data/flickr8k")
     pairs, split = read_flickr8k(root)
@@ -47,11 +51,12 @@ def test_flickr8k_retrieval_floor_on_a_test_subset(tmp_path):
     assert len(f.keys) == len(test)
     pos = {i: j for j, i in enumerate(test)}
     caps = [(c, pos[i]) for i, c in pairs if i in pos]
-    res = zeroshot.retrieval_metrics(f.tensor(), m.encode_text([c for c, _ in caps]), [o for _, o in caps])
+    res = retrieval_metrics(f.tensor(), m.encode_text([c for c, _ in caps]), [o for _, o in caps])
     # 200 images (chance R@5 = 0.025); the full 1,000-image test figures are in benchmarks/results/lite_clip.json
     assert res["image_retrieval_recall@5"] >= 0.6 and res["text_retrieval_recall@5"] >= 0.6, res
 
 
+@pytest.mark.slow
 def test_sketch_vs_photo_contrastive_probe_floor():
     m = load_model("builtin:lite-clip")
     photo = embed(m, load_dataset(shared("data/pacs/photo"), limit=150)).tensor(normalize=True)

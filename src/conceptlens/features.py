@@ -24,8 +24,8 @@ from torchvision import transforms as T
 
 from .data import ImageDataset, Shard, iter_shard
 from .errors import ConceptlensError
-from .models.base import Encoder
-from .utils import atomic_write_json, cache_dir, digest, progress
+from .io import atomic_save_npy, atomic_write_json, cache_dir, digest, progress
+from .models import Encoder, MappedEncoder
 
 PENDING, DONE, SKIPPED = 0, 1, 2
 
@@ -166,10 +166,9 @@ def embed(model: Encoder, dataset: ImageDataset, batch_size: int = 64, precision
     """Embed every image of `dataset` with `model`'s image tower, through the cache."""
     if not model.has_image:
         raise ConceptlensError(f"{model.name} has no image tower")
-    aligner = getattr(model, "aligner", None)
-    if aligner is not None:  # aligned models reuse their base model's cache and map rows on the way out
+    if isinstance(model, MappedEncoder):  # reuse the base tower's cache and map rows on the way out
         base = embed(model.base, dataset, batch_size, precision, use_cache, strict, show_progress)
-        return dataclasses.replace(base, X=aligner.transform(base.X), model=model.name)
+        return dataclasses.replace(base, X=model.map_features(base.X), model=model.name)
     precision = resolve_precision(precision)
     key = cache_key(model, dataset, precision)
     root = cache_dir("features") / key if use_cache else Path(os.environ.get("TMPDIR", "/tmp")) / f"conceptlens-{key}"
@@ -232,6 +231,11 @@ def embed(model: Encoder, dataset: ImageDataset, batch_size: int = 64, precision
     return out
 
 
+def as_features(model: Encoder, data: ImageDataset | Features, **embed_kw) -> Features:
+    """`data` itself when already embedded, else its (cached) embedding by `model`."""
+    return data if isinstance(data, Features) else embed(model, data, **embed_kw)
+
+
 def _load(root: Path, meta: dict, dataset: ImageDataset, model: Encoder, hit: bool) -> Features:
     feats = np.load(root / "features.npy", mmap_mode="r")
     state = np.load(root / "state.npy")
@@ -260,7 +264,5 @@ def embed_texts(model: Encoder, texts: Sequence[str], batch_size: int = 512, use
                      for i in progress(range(0, len(texts), batch_size), desc=f"embed texts [{model.name}]",
                                        unit="batch", leave=False)]) if texts else torch.zeros(0, model.embed_dim)
     if use_cache:
-        tmp = path.with_suffix(".tmp.npy")
-        np.save(tmp, out.numpy())
-        tmp.replace(path)
+        atomic_save_npy(path, out.numpy())
     return out

@@ -1,4 +1,6 @@
-"""Diffusion models as zero-shot classifiers (Clark & Jaini 2023; Li et al. 2023) and the embedded model."""
-from .model import TinyDiffusion, load_tiny_diffusion
+"""Diffusion models as zero-shot classifiers (Clark & Jaini 2023; Li et al. 2023): classifier and strategies."""
+from .classifier import PRESETS, DiffusionClassifier, evaluate, image_tensors
+from .strategies import STRATEGIES, lowdisc_timesteps, pair_errors
 
-__all__ = ["TinyDiffusion", "load_tiny_diffusion"]
+__all__ = ["PRESETS", "STRATEGIES", "DiffusionClassifier", "evaluate", "image_tensors", "lowdisc_timesteps",
+           "pair_errors"]

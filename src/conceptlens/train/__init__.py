@@ -1,1 +1,2 @@
-"""Training: resumable checkpoints, the contrastive (CLIP) objective, and the embedded diffusion model."""
+"""Training (imports the library, never the other way round): resumable checkpoints, the contrastive objective
+and head trainer, `train clip`, the embedded lite-clip build and the embedded denoiser."""

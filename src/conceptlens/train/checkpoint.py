@@ -5,18 +5,14 @@ whole state: resuming gives bit-identical results to an uninterrupted run.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from ..errors import ConceptlensError
-from ..utils import atomic_write_bytes
-
-META_KEY = "conceptlens"
+from ..io import read_safetensors_meta, save_safetensors
 
 
 def _flatten_optimizer(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
@@ -51,28 +47,13 @@ def save_checkpoint(path: Path, modules: dict[str, torch.nn.Module], optimizer: 
     if optimizer is not None:
         opt_tensors, full_meta["optimizer"] = _flatten_optimizer(optimizer)
         tensors.update(opt_tensors)
-    tmp = Path(path).with_suffix(".tmp.safetensors")
-    save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(full_meta)})
-    atomic_write_bytes(Path(path), tmp.read_bytes())
-    tmp.unlink()
-
-
-def read_meta(path: Path) -> dict:
-    """The JSON metadata of a conceptlens safetensors file."""
-    try:
-        with safe_open(str(path), "pt") as f:
-            raw = (f.metadata() or {}).get(META_KEY)
-    except Exception as exc:  # noqa: BLE001 - any unreadable file is one clear error
-        raise ConceptlensError(f"cannot read {path}: {exc}") from None
-    if raw is None:
-        raise ConceptlensError(f"{path} has no conceptlens metadata")
-    return json.loads(raw)
+    save_safetensors(Path(path), tensors, full_meta)
 
 
 def load_checkpoint(path: Path, modules: dict[str, torch.nn.Module],
                     optimizer: torch.optim.Optimizer | None = None) -> dict:
     """Load weights into `modules` (and the optimizer) from `save_checkpoint`'s file; returns its metadata."""
-    meta = read_meta(path)
+    meta = read_safetensors_meta(path)
     groups: dict[str, dict[str, torch.Tensor]] = {}
     with safe_open(str(path), "pt") as f:
         for key in f.keys():

@@ -23,7 +23,9 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConceptlensError
-from ..utils import progress
+from ..eval.probe import cosine_lr
+from ..io import progress
+from .checkpoint import load_checkpoint, save_checkpoint
 
 REGULARIZERS = ("none", "one-sided", "two-sided", "negatives")
 LOSSES = ("infonce", "square")
@@ -60,13 +62,6 @@ def margin(image: torch.Tensor, text: torch.Tensor) -> float:
         pos = sim.diagonal()
         neg = sim.masked_fill(torch.eye(len(sim), dtype=torch.bool), -2.0)
         return float(((pos - neg.max(1).values).mean() + (pos - neg.max(0).values).mean()) / 2)
-
-
-def cosine_lr(step: int, total: int, base: float, warmup: int) -> float:
-    """Linear warmup then cosine decay to 0 (open_clip's `cosine_lr`)."""
-    if step < warmup:
-        return base * (step + 1) / warmup
-    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup))) * base
 
 
 class Temperature(torch.nn.Module):
@@ -113,9 +108,8 @@ class HeadTrainer:
 
     def fit(self, image_head: torch.nn.Module, text_head: torch.nn.Module, image_views: list[torch.Tensor],
             text_feats: torch.Tensor, text_owner: np.ndarray,
-            extra_loss: Callable[[int], torch.Tensor] | None = None) -> Temperature:
-        """Train in place; returns the temperature module. `extra_loss(step)` adds auxiliary terms."""
-        from .checkpoint import load_checkpoint, save_checkpoint
+            extra_loss: Callable[[int], torch.Tensor] | None = None) -> "HeadTrainer":
+        """Train the heads in place; the learned temperature is `temperature_`. `extra_loss(step)` adds terms."""
         if self.loss not in LOSSES or self.reg not in REGULARIZERS:
             raise ConceptlensError(f"loss must be one of {LOSSES} and reg one of {REGULARIZERS}")
         if self.batch_size < 2:
@@ -167,7 +161,8 @@ class HeadTrainer:
             if self.checkpoint is not None and (self.ckpt_every and (step + 1) % self.ckpt_every == 0 or step + 1 == end):
                 save_checkpoint(Path(self.checkpoint), modules, opt, {"step": step + 1, "history": self.history_})
         bar.close()
-        return temp
+        self.temperature_ = temp
+        return self
 
     def _objective(self, img: torch.Tensor, txt: torch.Tensor, temp: Temperature) -> torch.Tensor:
         base = clip_loss(img, txt, temp()) if self.loss == "infonce" else square_loss(img, txt)

@@ -18,11 +18,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..data import iter_shard, load_dataset
-from ..diffusion.model import (SYNONYMS, TRAIN_TEMPLATES, TinyDiffusion, _asset_path, export_weights)
+from ..data import load_dataset, to_arrays
 from ..errors import ConceptlensError
-from ..utils import cache_dir, digest, file_sha256, progress
-from .checkpoint import load_checkpoint, read_meta, save_checkpoint
+from ..io import atomic_save_npy, cache_dir, digest, file_sha256, progress, read_safetensors_meta
+from ..models.denoisers import SYNONYMS, TRAIN_TEMPLATES, TinyDiffusion, add_noise, default_path, export_weights
+from .checkpoint import load_checkpoint, save_checkpoint
 
 
 def image_array(spec: str) -> tuple[np.ndarray, np.ndarray, list[str], dict]:
@@ -32,17 +32,7 @@ def image_array(spec: str) -> tuple[np.ndarray, np.ndarray, list[str], dict]:
         raise ConceptlensError(f"{spec}: training the denoiser needs labelled images (a classes.txt beside the data)")
     path = cache_dir("arrays") / f"{digest([ds.identity])}.npy"
     if not path.exists():
-        out = np.zeros((len(ds), 32, 32, 3), np.uint8)
-        pos = 0
-        for shard in progress(ds.shards, desc="decoding images", unit="shard"):
-            for i, im, err in iter_shard(shard):
-                if im is None or im.size != (32, 32):
-                    raise ConceptlensError(f"{spec}: image {pos + i} is unreadable or not 32x32 ({err or im.size})")
-                out[pos + i] = np.asarray(im)
-            pos += len(shard.items)
-        tmp = path.with_suffix(".tmp.npy")
-        np.save(tmp, out)
-        tmp.replace(path)
+        atomic_save_npy(path, to_arrays(ds, 32, "the embedded denoiser")[0])
     files = sorted({sh.source for sh in ds.shards})
     prov = {"data": spec, "n_images": len(ds),
             "data_sha256": {Path(f).name: file_sha256(Path(f)) for f in files if Path(f).is_file()}}
@@ -68,6 +58,8 @@ def train_diffusion(data: str, out: Path, steps: int = 6000, batch_size: int = 6
                     seed: int = 0, threads: int | None = None, ckpt_every: int = 100, cond_dropout: float = 0.1,
                     ema_decay: float = 0.9995, export: Path | None = None, command: str = "") -> dict:
     """Train (or resume) to `steps`; checkpoint every `ckpt_every` steps and on Ctrl-C/SIGTERM; export EMA weights."""
+    if steps < 1 or batch_size < 1 or ckpt_every < 1:
+        raise ConceptlensError("steps, batch size and checkpoint interval must be positive")
     prev_threads = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
@@ -133,8 +125,7 @@ def _train(data: str, out: Path, steps: int, batch_size: int, lr: float, seed: i
                 z0 = model.to_model_space(x)
                 noise = torch.randn(z0.shape, generator=g)
                 t = torch.randint(0, sched.config.num_train_timesteps, (len(idx),), generator=g)
-                a = alphas[t].view(-1, 1, 1, 1)
-                zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
+                zt = add_noise(z0, noise, t, alphas)
                 for group in opt.param_groups:
                     group["lr"] = lr_at(step, lr, 500)
                 with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -169,13 +160,13 @@ def _train(data: str, out: Path, steps: int, batch_size: int, lr: float, seed: i
         print(f"stopped at step {step}; checkpoint {ckpt} (rerun the same command to resume)", file=sys.stderr)
     result = {"step": step, "checkpoint": str(ckpt)}
     if step >= steps:
-        result["exported"] = str(export_from_checkpoint(ckpt, export or _asset_path()))
+        result["exported"] = str(export_from_checkpoint(ckpt, export or default_path()))
     return result
 
 
 def export_from_checkpoint(ckpt: Path, path: Path) -> Path:
     """Write the checkpoint's EMA weights as the shipped fp16 safetensors with provenance metadata."""
-    meta = read_meta(ckpt)
+    meta = read_safetensors_meta(ckpt)
     model = TinyDiffusion.from_config(meta["config"]["seed"])
     load_checkpoint(ckpt, {"ema": model.unet})
     export_weights(model, Path(path), {"name": "builtin:tiny-diffusion-cifar10", "step": meta["step"],

@@ -18,11 +18,12 @@ from PIL import Image
 
 from ..data import load_dataset, read_flickr8k
 from ..errors import ConceptlensError
+from ..eval.metrics import retrieval_metrics
 from ..features import embed, embed_texts
-from ..models.builtin import efficientnet_lite0, minilm
+from ..io import file_sha256, shared_dir
 from ..models.lite_clip import TextHead, conse_parts, save_asset
-from ..utils import file_sha256, shared_dir
-from ..zeroshot import retrieval_metrics
+from ..models.text import minilm
+from ..models.vision import efficientnet_lite0
 from .contrastive import HeadTrainer
 
 HYPER = {"epochs": 40, "batch_size": 256, "lr": 2e-3, "weight_decay": 0.05, "anchor_weight": 1.0,

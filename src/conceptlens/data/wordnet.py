@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
-from .errors import ConceptlensError
+from ..errors import ConceptlensError
 
 WORDNET_DIR = Path(os.environ.get("CONCEPTLENS_WORDNET", "/usr/share/wordnet"))
 

@@ -15,7 +15,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import ConceptlensError
+from ..data import ImageDataset
+from ..errors import ConceptlensError
+from ..eval.zeroshot import build_classifier, load_templates
+from ..features import Features, as_features
+from ..models import Encoder
 
 TOKEN = re.compile(r"\s*(?:(?P<op>[&|!()])|(?P<term>[A-Za-z][A-Za-z0-9 '\-]*?)(?::(?P<k>-?\d+(?:\.\d+)?))?(?=\s*(?:[&|)]|$)))")
 
@@ -162,16 +166,19 @@ class ConceptIndex:
         return ev(tree)
 
 
-def search(model, features, query: str, k: int = 20, templates=None, index: ConceptIndex | None = None,
-           k_pos: float = 1.0, k_neg: float = 0.0) -> dict:
-    """Run a concept-logic query over cached features of a vision-language (or aligned) model."""
-    from .zeroshot import build_classifier, load_templates
+def search(model: Encoder, data: ImageDataset | Features, query: str, k: int = 20, templates=None,
+           index: ConceptIndex | None = None, k_pos: float = 1.0, k_neg: float = 0.0, **embed_kw) -> dict:
+    """Run a concept-logic query over the (cached) features of a vision-language (or aligned) model."""
+    if k < 1:
+        raise ConceptlensError("k (results to return) must be positive")
     tree = parse(query)
+    features = as_features(model, data, **embed_kw)
     words = sorted({t.text for t, _ in terms_of(tree)})
     tmpl = load_templates(templates or ["a photo of a {c}.", "a picture of a {c}.", "an image of {c}."])
     emb = build_classifier(model, words, tmpl)
     text_emb = {w: emb[i].numpy() for i, w in enumerate(words)}
     index = index or ConceptIndex(features.X)
     rows, scores = index.query(tree, text_emb, k=k, k_pos=k_pos, k_neg=k_neg)
-    return {"query": query, "rows": rows.tolist(), "keys": [features.keys[r] for r in rows],
-            "scores": scores.tolist(), "labels": [int(features.labels[r]) for r in rows]}
+    return {"query": query, "model": model.name, "dataset": features.dataset, "n_images": len(features.keys),
+            "rows": rows.tolist(), "keys": [features.keys[r] for r in rows], "scores": scores.tolist(),
+            "labels": [int(features.labels[r]) for r in rows]}

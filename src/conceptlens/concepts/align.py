@@ -10,11 +10,11 @@ f_target(x) ≈ W f_source(x) + b, fitted on cached features of the same images:
   by one scalar c = sqrt(4.5 / Var), nn.Linear + MSE, SGD(lr 0.01, momentum 0.9, wd 5e-4), batch 100,
   CosineAnnealingLR(T_max=200) per epoch, 5 epochs. Un-scaling: W = W'·c1/c2 and b = b'/c2. The reference
   code uses b'·c1/c2 for the bias, which is off by the factor c1; we implement the algebraically correct form.
-An aligner file is safetensors (W, b) + JSON metadata; loading never unpickles.
+An aligner file is safetensors (W, b) + JSON metadata (conceptlens.models.mapped.LinearMap); loading never
+unpickles. `load_model(NAME, aligner=FILE)` turns a vision model + its aligner into a vision-language model.
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Iterable
@@ -22,8 +22,15 @@ from typing import Iterable
 import numpy as np
 import torch
 
-from .errors import ConceptlensError
-from .models.base import Encoder
+from sklearn.base import BaseEstimator
+
+from ..data import ImageDataset, load_dataset
+from ..errors import ConceptlensError
+from ..eval import zeroshot
+from ..features import embed
+from ..io import digest
+from ..models import Encoder, load_model
+from ..models.mapped import AlignedModel, LinearMap, affine
 
 METHODS = ("ridge", "procrustes", "sgd")
 CHUNK = 8192
@@ -85,20 +92,16 @@ def r2_from_sse(sse: np.ndarray, held: Stats) -> float:
     return float(1 - sse.sum() / sst.sum())
 
 
-class Aligner:
-    """Linear map between representations, scikit-learn style: fit / transform / score / save.
+class Aligner(BaseEstimator):
+    """Linear map between representations, a scikit-learn estimator: fit / transform / score / save.
 
+    `alphas` (ridge penalties, relative to the mean feature variance) default to logspace(-6, 2, 9).
     Learned state: `W_` [d_target, d_source], `b_` [d_target], `alpha_` (ridge), `metrics_` (held out).
     """
 
     def __init__(self, method: str = "ridge", holdout: float = 0.2, alphas: Iterable[float] | None = None,
                  seed: int = 0, epochs: int = 5):
-        if method not in METHODS:
-            raise ConceptlensError(f"unknown alignment method {method!r}: use {', '.join(METHODS)}")
-        if not 0 < holdout < 1:
-            raise ConceptlensError("holdout must be a fraction in (0, 1)")
-        self.method, self.holdout, self.seed, self.epochs = method, holdout, seed, epochs
-        self.alphas = list(alphas) if alphas is not None else [float(a) for a in np.logspace(-6, 2, 9)]
+        self.method, self.holdout, self.alphas, self.seed, self.epochs = method, holdout, alphas, seed, epochs
 
     # -- fitting
     def split(self, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -111,6 +114,10 @@ class Aligner:
 
     def fit(self, X, Y) -> "Aligner":
         """X [n, d_source], Y [n, d_target] (arrays or memmaps; rows are read in chunks)."""
+        if self.method not in METHODS:
+            raise ConceptlensError(f"unknown alignment method {self.method!r}: use {', '.join(METHODS)}")
+        if not 0 < self.holdout < 1:
+            raise ConceptlensError("holdout must be a fraction in (0, 1)")
         if X.ndim != 2 or Y.ndim != 2 or len(X) != len(Y):
             raise ConceptlensError(f"features do not pair up: source {tuple(X.shape)} vs target {tuple(Y.shape)} "
                                    "(the same images, one row each, are needed on both sides)")
@@ -130,7 +137,8 @@ class Aligner:
         st_val = _stats(X, Y, rows[val])
         best = None
         scale = np.trace(st_in.centered()[2]) / X.shape[1] or 1.0
-        for a in self.alphas:  # the search runs in float32 (it only ranks penalties); the final solve in float64
+        alphas = [float(a) for a in np.logspace(-6, 2, 9)] if self.alphas is None else list(self.alphas)
+        for a in alphas:  # the search runs in float32 (it only ranks penalties); the final solve in float64
             W, b = self._ridge_solve(st_in, a * scale, np.float32)
             r2 = r2_from_sse(_sse(st_val, W, b, np.float32), st_val)
             if best is None or r2 > best[0]:
@@ -188,10 +196,7 @@ class Aligner:
 
     # -- using
     def transform(self, X) -> np.ndarray:
-        X = np.asarray(X, dtype=np.float32)
-        if X.shape[-1] != self.W_.shape[1]:
-            raise ConceptlensError(f"aligner expects {self.W_.shape[1]}-d source features, got {X.shape[-1]}-d")
-        return X @ self.W_.T + self.b_
+        return affine(X, self.W_, self.b_)
 
     def score(self, X, Y) -> float:
         """Variance-weighted R² of the map on (X, Y)."""
@@ -208,30 +213,24 @@ class Aligner:
 
     def save(self, path: Path, meta: dict) -> Path:
         """W, b and metadata (source/target ids, layer, preprocessing, method, held-out metrics, data fingerprint)."""
-        from safetensors.torch import save_file
         full = dict(meta, method=self.method, metrics=getattr(self, "metrics_", {}),
                     alpha=getattr(self, "alpha_", None), d_source=int(self.W_.shape[1]), d_target=int(self.W_.shape[0]))
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({"W": torch.from_numpy(self.W_).contiguous(), "b": torch.from_numpy(self.b_).contiguous()},
-                  str(path), metadata={"conceptlens": json.dumps(full)})
-        return path
+        try:
+            return LinearMap(self.W_, self.b_, full).save(path)
+        except OSError as exc:
+            raise ConceptlensError(f"cannot write {path}: {exc.strerror}") from None
+
+    def to_model(self, source: Encoder, target: Encoder) -> AlignedModel:
+        """The fitted map as a model: `source` seen through it, with `target`'s text tower (no file needed)."""
+        meta = {"source": source.name, "layer": source.layer, "target": target.name, "path": "in-memory",
+                "sha": digest([self.W_.tobytes().hex()[:4096], self.W_.shape, float(self.b_.sum())])}
+        return AlignedModel(source, LinearMap(self.W_, self.b_, meta), target)
 
     @classmethod
     def load(cls, path: Path) -> "Aligner":
-        from safetensors.torch import load_file
-
-        from .train.checkpoint import read_meta
-        path = Path(path)
-        if not path.exists():
-            raise ConceptlensError(f"aligner file not found: {path}")
-        meta = read_meta(path)
-        t = load_file(str(path))
-        if "W" not in t or "b" not in t:
-            raise ConceptlensError(f"{path} is not an aligner file (no W, b)")
-        a = cls(meta.get("method", "ridge"))
-        a.W_, a.b_, a.meta_ = t["W"].float().numpy(), t["b"].float().numpy(), meta
-        a.metrics_ = meta.get("metrics", {})
+        lm = LinearMap.load(path)
+        a = cls(lm.meta.get("method", "ridge"))
+        a.W_, a.b_, a.meta_, a.metrics_ = lm.W, lm.b, lm.meta, lm.meta.get("metrics", {})
         return a
 
 
@@ -239,9 +238,6 @@ def fit(source: Encoder | str, target: Encoder | str, data, method: str = "ridge
         seed: int = 0, **embed_kw) -> tuple[Aligner, dict]:
     """Embed `data` with both models (cached), fit an Aligner; returns it and its metadata (with zero-shot
     top-1 agreement when the target is a vision-language model and the data has class names)."""
-    from .data import ImageDataset, load_dataset
-    from .features import embed
-    from .models import load_model
     src = load_model(source) if isinstance(source, str) else source
     tgt = load_model(target) if isinstance(target, str) else target
     ds = data if isinstance(data, ImageDataset) else load_dataset(data)
@@ -255,7 +251,6 @@ def fit(source: Encoder | str, target: Encoder | str, data, method: str = "ridge
         Xs, Xt, labels = fs.X, ft.X, fs.labels
     al = Aligner(method, holdout=holdout, seed=seed).fit(Xs, Xt)
     if tgt.has_text and ds.classnames and (labels >= 0).all():
-        from . import zeroshot
         ho = al.heldout_rows_
         clf = zeroshot.build_classifier(tgt, ds.classnames, zeroshot.openai_templates())
         own = zeroshot.logits(torch.from_numpy(np.asarray(Xt[ho], np.float32)), clf)
@@ -267,53 +262,3 @@ def fit(source: Encoder | str, target: Encoder | str, data, method: str = "ridge
             "source_fingerprint": src.image_fingerprint, "target_fingerprint": tgt.fingerprint,
             "data": ds.root or ds.name, "data_fingerprint": ds.identity, "n_images": int(len(Xs))}
     return al, meta
-
-
-class AlignedModel(Encoder):
-    """A vision model seen through an aligner: it behaves as the image tower of the target space."""
-
-    kind = "vision-language"
-
-    def __init__(self, base: Encoder, aligner: Aligner, target: Encoder):
-        self.base, self.aligner, self.target = base, aligner, target
-        self.name = f"{base.name}@{Path(aligner.meta_.get('path', 'aligner')).stem}"
-        self.preprocess, self.layer = base.preprocess, base.layer
-        self.embed_dim = int(aligner.W_.shape[0])
-        self.W = torch.from_numpy(aligner.W_)
-        self.b = torch.from_numpy(aligner.b_)
-
-    def modules(self):
-        return self.base.modules()
-
-    @property
-    def fingerprint(self) -> str:
-        return f"{self.base.fingerprint}-{self.aligner.meta_.get('sha', '')}"
-
-    @property
-    def image_fingerprint(self) -> str:
-        return self.fingerprint
-
-    def features(self, batch):
-        return self.base.features(batch)
-
-    def encode_image(self, images) -> torch.Tensor:
-        return self.base.encode_image(images).float() @ self.W.T + self.b
-
-    def encode_text(self, texts) -> torch.Tensor:
-        return self.target.encode_text(texts)
-
-
-def apply_aligner(model: Encoder, path: str | Path) -> AlignedModel:
-    """Wrap `model` with the aligner in `path`; a file fitted for another model or layer is a clear error."""
-    from .models import load_model
-    from .utils import file_sha256
-    al = Aligner.load(Path(path))
-    meta = al.meta_
-    if meta.get("source") != model.name or meta.get("layer") != model.layer:
-        raise ConceptlensError(f"aligner {path} maps {meta.get('source')} (layer {meta.get('layer')}), "
-                               f"not {model.name} (layer {model.layer})")
-    if al.W_.shape[1] != model.embed_dim:
-        raise ConceptlensError(f"aligner {path} expects {al.W_.shape[1]}-d features; {model.name} gives {model.embed_dim}")
-    meta["path"] = str(path)
-    meta["sha"] = file_sha256(Path(path))[:16]
-    return AlignedModel(model, al, load_model(meta["target"]))

@@ -17,8 +17,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .concepts import STOP, caption_bank
-from .errors import ConceptlensError
+from ..data import ImageDataset
+from ..data.wordnet import lemmatize
+from ..errors import ConceptlensError
+from ..features import embed, embed_texts
+from ..models import Encoder, MappedEncoder
+from .vocab import STOP, caption_bank
+
+DEFAULT_BANKS = ("coco", "flickr8k", "cc3m")
 
 
 @dataclass
@@ -27,10 +33,9 @@ class CaptionMemory:
     emb: torch.Tensor  # [N, D], rows normalised
 
     @classmethod
-    def build(cls, model, banks: Sequence[str] = ("coco", "flickr8k", "cc3m"), limit: int | None = None
+    def build(cls, model: Encoder, banks: Sequence[str] = DEFAULT_BANKS, limit: int | None = None
               ) -> "CaptionMemory":
         """Embed (once; cached) the caption banks with `model`'s text tower."""
-        from .features import embed_texts
         caps = caption_bank(banks, limit=limit)
         return cls(caps, F.normalize(embed_texts(model, caps), dim=-1))
 
@@ -60,9 +65,38 @@ class CaptionMemory:
 
 def shared_words(captions: Sequence[str], min_count: int = 2) -> list[str]:
     """Content words (WordNet-lemmatised) appearing in at least `min_count` of the captions, most common first."""
-    from .wordnet import lemmatize
     counts: Counter = Counter()
     for c in captions:
         words = {lemmatize(w, "n") or w for w in re.findall(r"[a-z]+", c.lower()) if len(w) > 2 and w not in STOP}
         counts.update(words)
     return [w for w, n in counts.most_common() if n >= min_count]
+
+
+def decode(model: Encoder, vectors: np.ndarray | None = None, data: ImageDataset | None = None,
+           per_image: bool = False, direction: bool = False, banks: Sequence[str] = DEFAULT_BANKS, k: int = 5,
+           **embed_kw) -> dict:
+    """Captions for vectors of `model`'s space (through its map for an aligned model; `direction`: no bias),
+    or for the class means (`per_image`: each image) of a dataset's features."""
+    if (vectors is None) == (data is None):
+        raise ConceptlensError("give exactly one of vectors or data")
+    if k < 1:
+        raise ConceptlensError("k (captions per vector) must be positive")
+    if not model.has_text:
+        raise ConceptlensError(f"{model.name} has no text tower: give an aligner (see `conceptlens align`)")
+    if vectors is not None:
+        V = np.asarray(vectors, np.float32)
+        V = V[None] if V.ndim == 1 else V
+        if isinstance(model, MappedEncoder):
+            V = model.map_direction(V) if direction else model.map_features(V)
+        names = [f"vector {i}" for i in range(len(V))]
+    else:
+        f = embed(model, data, **embed_kw)
+        X = np.asarray(f.X, np.float32)
+        if per_image or not f.labelled_ok:
+            V, names = X, list(f.keys)
+        else:
+            names = list(f.classnames)
+            V = np.stack([X[f.labels == c].mean(0) for c in range(len(names))])
+    mem = CaptionMemory.build(model, banks)
+    return {"model": model.name, "banks": list(banks), "k": k,
+            "decoded": [{"name": n} | d for n, d in zip(names, mem.decode(V, k=k))]}

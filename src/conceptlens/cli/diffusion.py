@@ -1,0 +1,38 @@
+"""`diffusion-classify`: zero-shot classification with a text-conditioned diffusion model."""
+from __future__ import annotations
+
+from ._options import add_data, dataset_of, positive, table, write_json
+
+
+def register(sub) -> None:
+    p = sub.add_parser("diffusion-classify", help="zero-shot classification with a text-conditioned diffusion model")
+    p.add_argument("--model", default="builtin:tiny-diffusion-cifar10", help="builtin:tiny-diffusion-cifar10 or diffusers:DIR")
+    add_data(p)
+    p.add_argument("--strategy", default="halving", choices=["fixed", "adaptive", "ttest", "halving"])
+    p.add_argument("--budget", type=positive, help="denoiser evaluations per image (halving)")
+    p.add_argument("--n-samples", type=positive, default=30, help="samples per class (fixed)")
+    p.add_argument("--preset", default="cifar10", help="adaptive schedule preset: cifar10 (keep 5,1; 50,500; L1)")
+    p.add_argument("--loss", choices=["l1", "l2"])
+    p.add_argument("--target", default="eps", choices=["eps", "x0"])
+    p.add_argument("--templates", help="file of prompt templates ({} marks the class); default: unseen ones")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="auto = bf16 autocast where the CPU has native bf16 kernels, else fp32")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output")
+    p.set_defaults(func=classify)
+
+
+def classify(a) -> None:
+    from ..diffusion import DiffusionClassifier, evaluate
+    from ..eval import load_templates
+    from ..models import load_model
+    clf = DiffusionClassifier.from_preset(load_model(a.model), a.strategy, a.preset, a.loss, target=a.target,
+                                          n_samples=a.n_samples, budget=a.budget, precision=a.precision, seed=a.seed)
+    tmpl = [t.replace("{c}", "{}") for t in load_templates(a.templates)] if a.templates else None
+    res = evaluate(clf, dataset_of(a, a.data), tmpl)
+    res.pop("_scores")
+    m = res["metrics"]
+    table([["dataset", "model", "strategy", "images", "acc1", "evals/image", "s/image"],
+           [res["dataset"], clf.model.name, a.strategy, res["n_images"], f"{m['acc1']:.4f}",
+            f"{m['evals_per_image']:.0f}", f"{m['seconds_per_image']:.2f}"]])
+    write_json(a.output, res)

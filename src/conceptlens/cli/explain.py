@@ -1,0 +1,45 @@
+"""`explain`: FALCON (Kalibhat et al., ICML 2023) explanations of features, groups and directions."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import ConceptlensError
+from ._options import command, dataset_of, embed_kwargs, load_vectors, model_of, positive
+
+
+def register(sub) -> None:
+    p = command(sub, "explain", "FALCON: explain features, feature groups or directions with words", explain)
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--features", help="comma-separated feature indices (one group)")
+    g.add_argument("--direction", help=".npy vector [D] or several [N, D] (probe weights, PCA components...)")
+    g.add_argument("--top-groups", type=positive, help="discover groups and explain the N largest")
+    p.add_argument("--vl-model", default="builtin:lite-clip", help="vision-language model for crops and captions")
+    p.add_argument("--captions", default="coco,flickr8k,cc3m", help="caption banks (names or files)")
+    p.add_argument("--k", type=float, default=5.0, help="high activation: mean + k*std")
+    p.add_argument("--top-n", type=positive, help="use the top-n images instead of the threshold")
+    p.add_argument("--no-gradcam", action="store_true", help="whole images instead of Grad-CAM crops")
+    p.add_argument("--transfer", help="aligner B->M: explain --features of space B through its map into --model's space")
+    p.add_argument("--report", default="out/explain")
+
+
+def _indices(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ConceptlensError(f"--features takes integers, got {text!r}") from None
+
+
+def explain(a) -> None:
+    from ..explain import run_falcon
+    from ..models import load_model
+    from ..report import explain_report
+    model, vl, ds = model_of(a), load_model(a.vl_model), dataset_of(a, a.data)
+    res = run_falcon(model, ds, vl, features=_indices(a.features) if a.features else None,
+                     directions=load_vectors(a.direction) if a.direction else None, top_groups=a.top_groups,
+                     transfer=a.transfer, banks=a.captions.split(","), k=a.k, top_n=a.top_n,
+                     use_gradcam=not a.no_gradcam, embed_kw=embed_kwargs(a))
+    page = explain_report(res, ds, model.name, vl.name, Path(a.report))
+    for r in res:
+        print(f"{r['name']} ({r['n_high']} images): words: {', '.join(w['concept'] for w in r['words'])}")
+        print(f"    phrases: {', '.join(p['concept'] for p in r['phrases'])}")
+    print(f"report: {page}")

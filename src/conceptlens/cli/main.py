@@ -1,0 +1,46 @@
+"""The `conceptlens` command: parse, make one library call, print. Bad input: one line on stderr, exit 2.
+
+Each command group lives in its own module with `register(subparsers)`; handlers import the library when
+they run, so `conceptlens --help` never loads torch.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+
+from ..errors import ConceptlensError
+from . import clip, concepts, demo, diffusion, explain, train
+
+GROUPS = (clip, concepts, explain, diffusion, demo, train)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="conceptlens", description="Talk to image representations in words.")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    for group in GROUPS:
+        group.register(sub)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.formatwarning = lambda msg, cat, *a, **k: f"warning: {msg}\n"
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+        return 0
+    except ConceptlensError as exc:
+        print(f"conceptlens: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("conceptlens: interrupted (finished work is cached; rerun to resume)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

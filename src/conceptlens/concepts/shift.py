@@ -1,0 +1,45 @@
+"""Distribution-shift diagnosis in words (Text-to-Concept §4): which concepts' activations move from A to B."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+from scipy import stats
+
+from ..data import ImageDataset
+from ..errors import ConceptlensError
+from ..features import Features, as_features
+from ..models import Encoder
+from .vocab import activations, concept_matrix
+
+
+def diagnose(A_a: np.ndarray, A_b: np.ndarray, concepts: Sequence[str]) -> list[dict]:
+    """Per concept: mean difference (b − a), Welch's t, Cohen's d, Benjamini–Hochberg q; ranked by |d|."""
+    if len(A_a) < 2 or len(A_b) < 2:
+        raise ConceptlensError("shift diagnosis needs at least 2 images on each side")
+    t, p = stats.ttest_ind(A_b, A_a, axis=0, equal_var=False)
+    pooled = np.sqrt((A_a.var(0, ddof=1) * (len(A_a) - 1) + A_b.var(0, ddof=1) * (len(A_b) - 1))
+                     / (len(A_a) + len(A_b) - 2))
+    diff = A_b.mean(0) - A_a.mean(0)
+    d = diff / np.maximum(pooled, 1e-12)
+    q = stats.false_discovery_control(np.nan_to_num(p, nan=1.0), method="bh")
+    rows = [{"concept": c, "mean_a": float(A_a[:, i].mean()), "mean_b": float(A_b[:, i].mean()),
+             "diff": float(diff[i]), "t": float(t[i]), "cohens_d": float(d[i]), "p": float(p[i]), "q": float(q[i])}
+            for i, c in enumerate(concepts)]
+    return sorted(rows, key=lambda r: -abs(r["cohens_d"]))
+
+
+def run_diagnose(model: Encoder, data_a: ImageDataset | Features, data_b: ImageDataset | Features, concepts: Sequence[str],
+                 examples: int = 5, per_side: int = 6, **embed_kw) -> dict:
+    """Rank concepts by how much they shift from A to B; with the most activating images of each side
+    for the top `examples` concepts (keys, for reports)."""
+    fa, fb = as_features(model, data_a, **embed_kw), as_features(model, data_b, **embed_kw)
+    C = concept_matrix(model, concepts)
+    Aa, Ab = activations(fa.X, C), activations(fb.X, C)
+    rows = diagnose(Aa, Ab, concepts)
+    idx = {c: i for i, c in enumerate(concepts)}
+    ex = [{"concept": r["concept"],
+           "a": [fa.keys[i] for i in np.argsort(-Aa[:, idx[r["concept"]]])[:per_side]],
+           "b": [fb.keys[i] for i in np.argsort(-Ab[:, idx[r["concept"]]])[:per_side]]} for r in rows[:examples]]
+    return {"model": model.name, "a": fa.dataset, "b": fb.dataset, "n_a": len(Aa), "n_b": len(Ab),
+            "n_concepts": len(concepts), "concepts": rows, "examples": ex}

@@ -1,0 +1,99 @@
+"""Concept vocabularies and concept activations over any vision-language (or aligned) representation
+(Text-to-Concept §4): caption banks, frequent caption words, WordNet hypernyms, style words."""
+from __future__ import annotations
+
+import gzip
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..data.wordnet import hypernym_words, is_word
+from ..errors import ConceptlensError
+from ..eval.zeroshot import build_classifier
+from ..io import shared_dir
+from ..models import Encoder
+
+CONCEPT_TEMPLATES = ["a photo of {c}.", "a picture showing {c}.", "an image of {c}.", "{c}"]
+STOP = set("""a an the and or of in on at to with from by for is are was were be been being this that these those
+it its his her their our your my as into onto over under near some two three one four five several many other
+while there here who whom which what when where how very up down out off front back top side next each
+image picture photo photograph view close shot stock""".split())
+
+
+def caption_bank(names: Sequence[str] = ("coco", "flickr8k", "cc3m"), root: Path | None = None,
+                 limit: int | None = None) -> list[str]:
+    """Captions from ../shared/data/captions/NAME.txt.gz (or a plain text file path), one per line, deduplicated."""
+    root = Path(root or shared_dir() / "data" / "captions")
+    out, seen = [], set()
+    for name in names:
+        path = Path(name) if Path(name).exists() else root / f"{name}.txt.gz"
+        if not path.exists():
+            raise ConceptlensError(f"caption bank {name!r} not found (looked for {path})")
+        opener = gzip.open if path.suffix == ".gz" else open
+        with opener(path, "rt", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                c = line.strip()
+                if c and c.lower() not in seen:
+                    seen.add(c.lower())
+                    out.append(c)
+                    if limit and len(out) >= limit:
+                        return out
+    if not out:
+        raise ConceptlensError(f"caption bank {', '.join(names)} is empty")
+    return out
+
+
+def frequent_words(captions: Sequence[str], n: int = 400, min_len: int = 3) -> list[str]:
+    """The n most frequent content words (WordNet nouns/adjectives/verbs, stop words dropped) of a bank."""
+    counts = Counter(w for c in captions for w in re.findall(r"[a-z]+", c.lower())
+                     if len(w) >= min_len and w not in STOP)
+    return [w for w, _ in counts.most_common(n * 3) if is_word(w)][:n]
+
+
+def default_concepts(classnames: Sequence[str] | None = None, n_words: int = 400,
+                     banks: Sequence[str] = ("coco", "flickr8k", "cc3m")) -> list[str]:
+    """Class names, their WordNet hypernyms, and frequent caption words (plus domain/style words)."""
+    out: list[str] = []
+    for c in classnames or []:
+        out += [c] + hypernym_words(c)
+    out += ["sketch", "drawing", "pencil drawing", "black and white", "line art", "doodle", "outline",
+            "painting", "cartoon", "photo", "watercolor", "clipart", "texture", "blurry", "dark", "bright"]
+    try:
+        out += frequent_words(caption_bank(banks, limit=200_000), n_words)
+    except ConceptlensError:
+        pass  # no caption banks here: class, WordNet and style concepts only
+    seen, uniq = set(), []
+    for w in out:
+        if w.lower() not in seen:
+            seen.add(w.lower())
+            uniq.append(w)
+    return uniq
+
+
+def load_concepts(spec: str | None, classnames: Sequence[str] | None = None) -> list[str]:
+    """`default`, or a file with one concept per line."""
+    if spec in (None, "default"):
+        return default_concepts(classnames)
+    path = Path(spec)
+    if not path.exists():
+        raise ConceptlensError(f"concept file not found: {spec}")
+    words = [ln.strip() for ln in path.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+    if not words:
+        raise ConceptlensError(f"concept file {spec} is empty")
+    return words
+
+
+def concept_matrix(model: Encoder, concepts: Sequence[str]) -> torch.Tensor:
+    """[K, D] normalised template-ensemble text embeddings of the concepts."""
+    return build_classifier(model, list(concepts), CONCEPT_TEMPLATES)
+
+
+def activations(X, concept_emb: torch.Tensor) -> np.ndarray:
+    """Cosine of every (aligned) image feature with every concept [n, K]."""
+    x = F.normalize(torch.from_numpy(np.array(X, np.float32)), dim=-1)
+    return (x @ concept_emb.T).numpy()

@@ -1,0 +1,205 @@
+"""Resolve a --data argument into an ImageDataset: named sets, folders, WebDataset shards, CSV/JSONL lists."""
+from __future__ import annotations
+
+import glob
+import os
+from pathlib import Path
+from typing import Sequence
+
+import braceexpand
+import numpy as np
+
+from ..errors import ConceptlensError
+from ..io import digest, pick_column, read_rows
+from .dataset import IMAGE_EXTS, ImageDataset, Shard, tar_members
+from .named import FASHION_DIR, NAMED_SETS, named_arrays
+
+FILES_PER_SHARD = 1024
+
+
+# ----------------------------------------------------------------------------------------- listing
+def load_dataset(spec: str | Path, classes: str | Path | None = None, limit: int | None = None) -> ImageDataset:
+    """Resolve a --data argument: named set, folder (class subfolders or flat), tar shards, CSV/JSONL."""
+    spec = str(spec)
+    if spec in NAMED_SETS or spec.split(":")[0] in ("fashion-mnist",):
+        ds = _named(spec)
+    elif is_shard_spec(spec):
+        ds = tars(spec)
+    elif not os.path.exists(spec):
+        raise ConceptlensError(f"data not found: {spec} (a folder, tar shards, CSV/JSONL or one of {', '.join(NAMED_SETS)})")
+    elif os.path.isdir(spec):
+        ds = _folder(Path(spec))
+    elif spec.endswith((".csv", ".jsonl", ".tsv")):
+        ds = _table(Path(spec))
+    else:
+        raise ConceptlensError(f"cannot read {spec}: expected a folder, .tar/.tar.gz shards, .csv or .jsonl")
+    if classes is not None:
+        ds.classnames = _apply_class_file(Path(classes), ds)
+    if ds.classnames is not None:
+        _check_classnames(ds.classnames, str(classes or spec))
+    if len(ds) == 0:
+        raise ConceptlensError(f"no images found in {spec}")
+    return ds.subset(limit)
+
+
+def read_class_file(path: Path) -> tuple[list[str], list[str] | None]:
+    """`classes.txt` (one name a line) or `classes.tsv` (id<TAB>name). Returns (names, ids or None)."""
+    if not path.exists():
+        raise ConceptlensError(f"class file not found: {path}")
+    lines = [ln.rstrip("\n\r") for ln in path.read_text(encoding="utf-8").splitlines()]
+    lines = [ln for ln in lines if ln.strip() and not ln.startswith("#")]
+    if not lines:
+        raise ConceptlensError(f"class file {path} is empty")
+    if all("\t" in ln for ln in lines):
+        ids, names = zip(*(ln.split("\t", 1) for ln in lines))
+        return [n.strip() for n in names], [i.strip() for i in ids]
+    return [ln.strip() for ln in lines], None
+
+
+def _check_classnames(names: Sequence[str], where: str) -> None:
+    if not names:
+        raise ConceptlensError(f"empty class list for {where}")
+    seen, dups = set(), []
+    for n in names:
+        if n.lower() in seen:
+            dups.append(n)
+        seen.add(n.lower())
+    if dups:
+        raise ConceptlensError(f"duplicate class names in {where}: {', '.join(sorted(set(dups)))}")
+
+
+def _beside(root: Path) -> Path | None:
+    for d in (root, root.parent):
+        for name in ("classes.tsv", "classes.txt"):
+            if (d / name).exists():
+                return d / name
+    return None
+
+
+def _apply_class_file(path: Path, ds: ImageDataset, folder_ids: list[str] | None = None) -> list[str]:
+    names, ids = read_class_file(path)
+    if ids is not None and folder_ids is not None:
+        lookup = dict(zip(ids, names))
+        missing = [f for f in folder_ids if f not in lookup]
+        if missing:
+            raise ConceptlensError(f"{path} has no name for {', '.join(missing[:5])}")
+        return [lookup[f] for f in folder_ids]
+    n_labels = int(ds.labels.max()) + 1 if len(ds.labels) and ds.labels.max() >= 0 else 0
+    if n_labels > len(names):
+        raise ConceptlensError(f"{path} lists {len(names)} classes but the data has label {n_labels - 1}")
+    return names
+
+
+def file_identity(paths: Sequence[str]) -> str:
+    parts = []
+    for p in paths:
+        st = os.stat(p)
+        parts.append((os.path.abspath(p), st.st_size, st.st_mtime_ns))
+    return digest(parts)
+
+
+def _folder(root: Path) -> ImageDataset:
+    subdirs = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    files, labels = [], []
+    if subdirs:
+        for ci, d in enumerate(subdirs):
+            for f in sorted((root / d).rglob("*")):
+                if f.suffix.lower() in IMAGE_EXTS and f.is_file():
+                    files.append(str(f))
+                    labels.append(ci)
+        classnames = list(subdirs)
+    else:
+        files = sorted(str(f) for f in root.iterdir() if f.suffix.lower() in IMAGE_EXTS and f.is_file())
+        labels = [-1] * len(files)
+        classnames = None
+    ds = ImageDataset(root.name, file_shards(files), [os.path.relpath(f, root) for f in files],
+                      np.asarray(labels, dtype=np.int64), classnames, file_identity(files), str(root))
+    if subdirs and (cf := _beside(root)) is not None:
+        names, ids = read_class_file(cf)
+        if ids is not None and set(subdirs) <= set(ids):
+            ds.classnames = _apply_class_file(cf, ds, folder_ids=subdirs)
+    return ds
+
+
+def resolve_paths(table: Path, paths: Sequence[str]) -> list[str]:
+    """Paths in a table, relative ones taken from the table's folder."""
+    return [str((table.parent / p).resolve()) if not os.path.isabs(p) else p for p in paths]
+
+
+def file_shards(files: list[str]) -> list[Shard]:
+    return [Shard("files", "", tuple(files[i:i + FILES_PER_SHARD])) for i in range(0, len(files), FILES_PER_SHARD)]
+
+
+def _table(path: Path) -> ImageDataset:
+    rows = read_rows(path)
+    col = pick_column(rows, ("path", "filepath", "image", "file"), path, "path")
+    files = resolve_paths(path, [r[col] for r in rows])
+    missing = [f for f in files if not os.path.exists(f)]
+    if missing:
+        raise ConceptlensError(f"{len(missing)} paths in {path} do not exist, e.g. {missing[0]}")
+    raw = [r.get("label") for r in rows]
+    classnames = None
+    if all(v not in (None, "") for v in raw):
+        if all(str(v).lstrip("-").isdigit() for v in raw):
+            labels = [int(v) for v in raw]
+        else:
+            classnames = sorted({str(v) for v in raw})
+            labels = [classnames.index(str(v)) for v in raw]
+    else:
+        labels = [-1] * len(files)
+    ds = ImageDataset(path.stem, file_shards(files), [os.path.basename(f) for f in files],
+                      np.asarray(labels, dtype=np.int64), classnames, file_identity(files + [str(path)]),
+                      str(path.parent))
+    if classnames is None and max(labels) >= 0 and (cf := _beside(path.parent)) is not None:
+        ds.classnames = _apply_class_file(cf, ds)
+    return ds
+
+
+def is_shard_spec(spec: str) -> bool:
+    """A brace/glob pattern or a tar file: WebDataset shards."""
+    return any(ch in spec for ch in "*?{") or spec.endswith((".tar", ".tar.gz", ".tgz"))
+
+
+def expand_shards(spec: str) -> list[str]:
+    """Brace and glob patterns (`train-00000{0..3}.tar.gz`, `*.tar`) to an ordered list of files."""
+    out: list[str] = []
+    for pat in braceexpand.braceexpand(spec):
+        hits = sorted(glob.glob(pat)) if any(c in pat for c in "*?[") else ([pat] if os.path.exists(pat) else [])
+        out += [h for h in hits if h not in out]
+    if not out:
+        raise ConceptlensError(f"no shards match {spec}")
+    return out
+
+
+def tars(spec: str) -> ImageDataset:
+    paths = expand_shards(spec)
+    shards, keys, labels = [], [], []
+    for p in paths:
+        order, seen, cls = [], set(), {}
+        for key, ext, data in tar_members(p, with_images=False):
+            if ext in IMAGE_EXTS and key not in seen:
+                order.append(key)
+                seen.add(key)
+            elif ext in (".cls", ".label"):
+                try:
+                    cls[key] = int(data.decode().strip())
+                except ValueError:
+                    raise ConceptlensError(f"{p}:{key}{ext} is not an integer label") from None
+        shards.append(Shard("tar", p, tuple(order)))
+        keys += [f"{os.path.basename(p)}/{k}" for k in order]
+        labels += [cls.get(k, -1) for k in order]
+    root = Path(paths[0]).parent
+    ds = ImageDataset(root.name, shards, keys, np.asarray(labels, dtype=np.int64), None,
+                      file_identity(paths), str(root))
+    if labels and min(labels) >= 0 and (cf := _beside(root)) is not None:
+        ds.classnames = _apply_class_file(cf, ds)
+    return ds
+
+
+def _named(name: str) -> ImageDataset:
+    arr = named_arrays(name)
+    n = len(arr.labels)
+    shards = [Shard("array", name, tuple(range(i, min(n, i + FILES_PER_SHARD)))) for i in range(0, n, FILES_PER_SHARD)]
+    ident = digest([name, n, str(FASHION_DIR) if name.startswith("fashion") else ""])
+    return ImageDataset(name.replace(":", "_"), shards, list(arr.keys), np.asarray(arr.labels, dtype=np.int64),
+                        list(arr.classnames), ident, name)

@@ -1,0 +1,47 @@
+"""Metrics and result files in CLIP_benchmark's layout (LAION-AI/CLIP_benchmark, clip_benchmark/metrics/)."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+def metrics(scores: torch.Tensor | np.ndarray, labels: torch.Tensor | np.ndarray) -> dict[str, float]:
+    """acc1, acc5 (NaN under 5 classes) and mean_per_class_recall, as CLIP_benchmark computes them."""
+    scores = torch.as_tensor(scores)
+    labels = torch.as_tensor(labels).long()
+    n_cls = scores.shape[1]
+    top = scores.topk(min(5, n_cls), dim=1).indices
+    acc1 = (top[:, 0] == labels).double().mean().item()
+    acc5 = (top == labels[:, None]).any(1).double().mean().item() if n_cls >= 5 else float("nan")
+    pred = top[:, 0]
+    recalls = [(pred[labels == c] == c).double().mean().item() for c in labels.unique().tolist()]
+    return {"acc1": acc1, "acc5": acc5, "mean_per_class_recall": float(np.mean(recalls))}
+
+
+def result_json(dataset: str, model: str, task: str, metric: dict) -> dict:
+    """CLIP_benchmark's result layout (`pretrained` is the URI's tag part)."""
+    arch, _, pretrained = model.partition("/")
+    return {"dataset": dataset, "model": arch, "pretrained": pretrained or arch.split(":")[0], "task": task,
+            "metrics": metric, "language": "en"}
+
+
+def retrieval_metrics(image_emb: torch.Tensor, text_emb: torch.Tensor, text_owner: Sequence[int],
+                      ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
+    """Image-text retrieval recall@k with CLIP_benchmark's names (zeroshot_retrieval.py):
+    image_retrieval = text query -> its image among all images; text_retrieval = image query -> any of its texts."""
+    img = F.normalize(image_emb.float(), dim=-1)
+    txt = F.normalize(text_emb.float(), dim=-1)
+    owner = torch.as_tensor(np.asarray(text_owner), dtype=torch.long)
+    sim = txt @ img.T  # [texts, images]
+    positive = torch.zeros_like(sim, dtype=torch.bool)
+    positive[torch.arange(len(owner)), owner] = True
+    out = {}
+    for k in ks:
+        top_i = sim.topk(min(k, sim.shape[1]), dim=1).indices
+        out[f"image_retrieval_recall@{k}"] = float(positive.gather(1, top_i).any(1).float().mean())
+        top_t = sim.T.topk(min(k, sim.shape[0]), dim=1).indices
+        out[f"text_retrieval_recall@{k}"] = float(positive.T.gather(1, top_t).any(1).float().mean())
+    return out

@@ -1,0 +1,113 @@
+"""Linear probes (Radford et al. 2021 §3.2) with CLIP_benchmark's recipe, as a scikit-learn estimator."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.base import BaseEstimator, ClassifierMixin
+
+from ..data import ImageDataset
+from ..errors import ConceptlensError
+from ..features import Features, as_features
+from ..models import Encoder
+from .metrics import metrics, result_json
+
+
+def cosine_lr(step: int, total: int, base: float, warmup: int) -> float:
+    """Linear warmup then cosine decay to 0 (open_clip's `cosine_lr`; CLIP_benchmark's probe uses warmup 0)."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup))) * base
+
+
+class LinearProbe(ClassifierMixin, BaseEstimator):
+    """Logistic regression on L2-normalised cached features, CLIP_benchmark's recipe (metrics/linear_probe.py).
+
+    nn.Linear + AdamW + cross-entropy, cosine LR without warmup, lr 0.1, 10 epochs, batch 64, seed 0;
+    weight decay searched on a validation split over logspace(-6, 2, 97): 7 coarse points, then
+    refinement with spans 8, 4, 2, 1; the final model is refit on train+val. A scikit-learn estimator:
+    parameters stored unchanged, learned state with a trailing underscore, numpy out (`clone` works).
+    """
+
+    def __init__(self, lr: float = 0.1, epochs: int = 10, batch_size: int = 64, weight_decay: float | None = None,
+                 val_proportion: float = 0.2, seed: int = 0):
+        self.lr, self.epochs, self.batch_size = lr, epochs, batch_size
+        self.weight_decay, self.val_proportion, self.seed = weight_decay, val_proportion, seed
+
+    def _train(self, X: torch.Tensor, y: torch.Tensor, n_classes: int, wd: float) -> torch.nn.Linear:
+        g = torch.Generator().manual_seed(self.seed)
+        torch.manual_seed(self.seed)
+        lin = torch.nn.Linear(X.shape[1], n_classes)
+        opt = torch.optim.AdamW(lin.parameters(), lr=self.lr, weight_decay=wd)
+        steps_per_epoch = math.ceil(len(X) / self.batch_size)
+        total, step = self.epochs * steps_per_epoch, 0
+        for _ in range(self.epochs):
+            perm = torch.randperm(len(X), generator=g)
+            for i in range(0, len(X), self.batch_size):
+                for group in opt.param_groups:
+                    group["lr"] = cosine_lr(step, total, self.lr, warmup=0)
+                idx = perm[i:i + self.batch_size]
+                loss = F.cross_entropy(lin(X[idx]), y[idx])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                step += 1
+        return lin
+
+    def fit(self, X, y) -> "LinearProbe":
+        X, y = np.asarray(X), np.asarray(y)
+        if X.ndim != 2 or len(X) != len(y) or len(X) < 2:
+            raise ConceptlensError(f"a linear probe needs [n, d] features and n labels (got {X.shape}, {y.shape})")
+        if (y < 0).any():
+            raise ConceptlensError("a linear probe needs every training image labelled")
+        X = F.normalize(torch.as_tensor(X, dtype=torch.float32), dim=-1)
+        y = torch.as_tensor(y).long()
+        self.n_classes_ = int(y.max()) + 1
+        self.classes_ = np.arange(self.n_classes_)
+        if self.weight_decay is not None:
+            self.weight_decay_ = self.weight_decay
+        else:
+            perm = torch.randperm(len(X), generator=torch.Generator().manual_seed(self.seed))
+            n_val = max(1, int(len(X) * self.val_proportion))
+            va, tr = perm[:n_val], perm[n_val:]
+            wd_list = np.logspace(-6, 2, num=97).tolist()
+            cache: dict[int, float] = {}
+
+            def acc(i: int) -> float:
+                if i not in cache:
+                    lin = self._train(X[tr], y[tr], self.n_classes_, wd_list[i])
+                    with torch.no_grad():
+                        cache[i] = (lin(X[va]).argmax(1) == y[va]).float().mean().item()
+                return cache[i]
+
+            peak = max(range(0, 97, 16), key=acc)
+            for span in (8, 4, 2, 1):
+                cand = [max(peak - span, 0), peak, min(peak + span, 96)]
+                peak = max(cand, key=acc)
+            self.weight_decay_ = wd_list[peak]
+            self.val_accuracy_ = cache[peak]
+        self.linear_ = self._train(X, y, self.n_classes_, self.weight_decay_)
+        return self
+
+    @torch.no_grad()
+    def decision_function(self, X) -> np.ndarray:
+        """Class scores [n, classes]."""
+        X = F.normalize(torch.as_tensor(np.asarray(X), dtype=torch.float32), dim=-1)
+        return self.linear_(X).numpy()
+
+    def predict(self, X) -> np.ndarray:
+        return self.decision_function(X).argmax(1)
+
+
+def linear_probe(model: Encoder, train: ImageDataset | Features, test: ImageDataset | Features, **embed_kw) -> dict:
+    """Embed (cached) train and test images, fit the probe on train, score test: CLIP_benchmark JSON."""
+    ftr, fte = as_features(model, train, **embed_kw), as_features(model, test, **embed_kw)
+    if not ftr.labelled_ok or not fte.labelled_ok:
+        raise ConceptlensError("a linear probe needs labelled train and test data")
+    probe = LinearProbe().fit(ftr.X, ftr.labels)
+    m = metrics(probe.decision_function(fte.X), fte.labels)
+    return result_json(fte.dataset, model.name, "linear_probe",
+                       {f"lp_{k}": v for k, v in m.items()} | {"weight_decay": probe.weight_decay_}) | {
+        "n_train": int(len(ftr.labels)), "n_test": int(len(fte.labels))}

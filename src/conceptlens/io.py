@@ -1,0 +1,178 @@
+"""Files: the cache location, atomic writes, digests, safetensors with JSON metadata, tables, packaged assets.
+
+Every file conceptlens writes goes through `atomic_output` (temp file in the same folder + fsync + rename),
+so a reader never sees a partial file and a killed run leaves the previous version in place.
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import hashlib
+import json
+import os
+import tempfile
+from importlib import resources
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
+
+import numpy as np
+import platformdirs
+from tqdm.auto import tqdm
+
+from .errors import ConceptlensError
+
+if TYPE_CHECKING:
+    import torch
+
+META_KEY = "conceptlens"
+
+
+def cache_dir(sub: str = "") -> Path:
+    """The cache root (`CONCEPTLENS_CACHE` or the platform cache dir), created and checked writable."""
+    root = Path(os.environ.get("CONCEPTLENS_CACHE") or platformdirs.user_cache_dir("conceptlens"))
+    path = root / sub if sub else root
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=path, prefix=".probe-", delete=True)
+        probe.close()
+    except OSError as exc:
+        raise ConceptlensError(f"cache directory {path} is not writable ({exc.strerror}); set CONCEPTLENS_CACHE") from None
+    return path
+
+
+def shared_dir() -> Path:
+    """Where the real datasets live: `CONCEPTLENS_SHARED` or `../shared` beside the project root."""
+    env = os.environ.get("CONCEPTLENS_SHARED")
+    if env:
+        return Path(env)
+    here = Path(__file__).resolve()
+    for parent in here.parents:
+        cand = parent.parent / "shared"
+        if (parent / "pyproject.toml").exists() and cand.exists():
+            return cand
+    return Path.cwd().parent / "shared"
+
+
+def asset_path(name: str) -> Path:
+    """A file shipped inside the package (`src/conceptlens/assets/NAME`)."""
+    return Path(str(resources.files("conceptlens") / "assets" / name))
+
+
+@contextlib.contextmanager
+def atomic_output(path: Path | str, suffix: str = "") -> Iterator[Path]:
+    """Yield a temp path beside `path`; on success it is fsynced and renamed over `path`, on failure removed.
+    `suffix` keeps writers that insist on an extension (np.save adds ".npy") from renaming the temp file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_bytes(path: Path | str, data: bytes) -> None:
+    """Write a file so readers never see a partial one."""
+    with atomic_output(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def atomic_write_json(path: Path | str, obj: Any) -> None:
+    atomic_write_bytes(Path(path), json.dumps(obj, indent=2, default=_json_default).encode())
+
+
+def atomic_save_npy(path: Path | str, array: np.ndarray) -> None:
+    with atomic_output(path, suffix=".npy") as tmp:
+        np.save(tmp, array)
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(type(o))
+
+
+def save_safetensors(path: Path | str, tensors: dict[str, "torch.Tensor"], meta: dict) -> Path:
+    """Tensors + our JSON metadata (under the "conceptlens" key), written atomically; never pickle."""
+    from safetensors.torch import save_file  # imports torch: the data layer below stays torch-free
+    with atomic_output(path, suffix=".safetensors") as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
+                  metadata={META_KEY: json.dumps(meta, default=_json_default)})
+    return Path(path)
+
+
+def read_safetensors_meta(path: Path | str, required: bool = True) -> dict:
+    """The JSON metadata of a conceptlens safetensors file ({} if absent and not `required`)."""
+    from safetensors import safe_open  # only where weights are read
+    try:
+        with safe_open(str(path), "pt") as f:
+            raw = (f.metadata() or {}).get(META_KEY)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is one clear error
+        raise ConceptlensError(f"cannot read {path}: {exc}") from None
+    if raw is None:
+        if required:
+            raise ConceptlensError(f"{path} has no conceptlens metadata")
+        return {}
+    return json.loads(raw)
+
+
+def read_rows(path: Path) -> list[dict]:
+    """Rows of a CSV, TSV or JSONL table (JSONL errors name the line); an empty table is an error."""
+    path = Path(path)
+    if not path.exists():
+        raise ConceptlensError(f"file not found: {path}")
+    rows: list[dict] = []
+    if path.suffix == ".jsonl":
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:
+                    raise ConceptlensError(f"{path}:{n}: not valid JSON") from None
+    else:
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f, delimiter="\t" if path.suffix == ".tsv" else ","))
+    if not rows:
+        raise ConceptlensError(f"no rows in {path}")
+    return rows
+
+
+def pick_column(rows: list[dict], names: tuple[str, ...], path: Path, what: str) -> str:
+    """The first of `names` that the table has, else a one-line error listing its columns."""
+    col = next((c for c in names if c in rows[0]), None)
+    if col is None:
+        raise ConceptlensError(f"{path} needs a {what!r} column (found: {', '.join(rows[0])})")
+    return col
+
+
+def digest(parts: Iterable[Any], n: int = 16) -> str:
+    """Stable short hash of a sequence of JSON-able parts."""
+    h = hashlib.blake2b(digest_size=n)
+    for p in parts:
+        h.update(json.dumps(p, sort_keys=True, default=str).encode())
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def progress(iterable=None, **kw):
+    """tqdm with our defaults (stderr, hidden when CONCEPTLENS_QUIET is set)."""
+    kw.setdefault("disable", bool(os.environ.get("CONCEPTLENS_QUIET")))
+    kw.setdefault("dynamic_ncols", True)
+    return tqdm(iterable, **kw)

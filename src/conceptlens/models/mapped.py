@@ -1,0 +1,141 @@
+"""Mapped encoders: an image tower seen through a fixed map into a vision-language space.
+
+- `AlignedModel`: any vision model + an aligner file (Moayeri et al., Text-to-Concept, ICML 2023): f ↦ W f + b,
+  fitted by `conceptlens.concepts.align.Aligner`; text goes through the target model's text tower.
+- `TrainedCLIP`: frozen towers + the projection heads trained by `conceptlens train clip` (URI `clip:PATH`).
+Both are `MappedEncoder`s, so the feature cache stores the tower's features once and maps them on the way out.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from ..errors import ConceptlensError
+from ..io import file_sha256, read_safetensors_meta, save_safetensors
+from .base import Encoder, MappedEncoder
+
+
+def affine(X, W: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Rows X [n, d_s] -> X Wᵀ + b [n, d_t] in float32 (the one place an aligner is applied)."""
+    X = np.asarray(X, dtype=np.float32)
+    if X.shape[-1] != W.shape[1]:
+        raise ConceptlensError(f"aligner expects {W.shape[1]}-d source features, got {X.shape[-1]}-d")
+    return X @ W.T + b
+
+
+class LinearMap:
+    """An aligner file: W [d_target, d_source], b [d_target] in safetensors + JSON metadata (never unpickled)."""
+
+    def __init__(self, W: np.ndarray, b: np.ndarray, meta: dict):
+        self.W, self.b, self.meta = W, b, meta
+
+    @classmethod
+    def load(cls, path: Path | str) -> "LinearMap":
+        path = Path(path)
+        if not path.exists():
+            raise ConceptlensError(f"aligner file not found: {path}")
+        meta = read_safetensors_meta(path)
+        t = load_file(str(path))
+        if "W" not in t or "b" not in t:
+            raise ConceptlensError(f"{path} is not an aligner file (no W, b)")
+        return cls(t["W"].float().numpy(), t["b"].float().numpy(), meta | {"path": str(path),
+                                                                          "sha": file_sha256(path)[:16]})
+
+    def save(self, path: Path | str) -> Path:
+        return save_safetensors(path, {"W": torch.from_numpy(self.W), "b": torch.from_numpy(self.b)}, self.meta)
+
+    def transform(self, X) -> np.ndarray:
+        return affine(X, self.W, self.b)
+
+
+class AlignedModel(MappedEncoder):
+    """A vision model seen through an aligner: it behaves as the image tower of the target space."""
+
+    def __init__(self, base: Encoder, linear_map: LinearMap, target: Encoder):
+        meta = linear_map.meta
+        if meta.get("source") != base.name or meta.get("layer") != base.layer:
+            raise ConceptlensError(f"aligner {meta.get('path')} maps {meta.get('source')} (layer {meta.get('layer')}), "
+                                   f"not {base.name} (layer {base.layer})")
+        if linear_map.W.shape[1] != base.embed_dim:
+            raise ConceptlensError(f"aligner {meta.get('path')} expects {linear_map.W.shape[1]}-d features; "
+                                   f"{base.name} gives {base.embed_dim}")
+        self.base, self.map, self.target = base, linear_map, target
+        self.name = f"{base.name}@{Path(meta.get('path', 'aligner')).stem}"
+        self.preprocess, self.layer = base.preprocess, base.layer
+        self.embed_dim = int(linear_map.W.shape[0])
+        self._W, self._b = torch.from_numpy(linear_map.W), torch.from_numpy(linear_map.b)
+
+    def modules(self):
+        return self.base.modules()
+
+    @property
+    def fingerprint(self) -> str:
+        return f"{self.base.fingerprint}-{self.map.meta.get('sha', '')}"
+
+    def map_tensor(self, feats: torch.Tensor) -> torch.Tensor:
+        return feats @ self._W.T + self._b
+
+    def map_features(self, X) -> np.ndarray:
+        return self.map.transform(X)
+
+    def map_direction(self, V: np.ndarray) -> np.ndarray:
+        return np.asarray(V, np.float32) @ self.map.W.T
+
+    def encode_text(self, texts) -> torch.Tensor:
+        return self.target.encode_text(texts)
+
+
+def make_head(kind: str, d_in: int, d_out: int) -> torch.nn.Module:
+    """A projection head of `conceptlens train clip`: linear, or a two-layer GELU MLP."""
+    if kind == "linear":
+        return torch.nn.Linear(d_in, d_out)
+    if kind == "mlp":
+        return torch.nn.Sequential(torch.nn.Linear(d_in, 2 * d_out), torch.nn.GELU(), torch.nn.Linear(2 * d_out, d_out))
+    raise ConceptlensError(f"unknown head {kind!r}: linear or mlp")
+
+
+def read_trained_clip(path: Path | str) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Metadata and tensors of a `conceptlens train clip` model file."""
+    path = Path(path)
+    if not path.exists():
+        raise ConceptlensError(f"trained model not found: {path}")
+    meta = read_safetensors_meta(path)
+    if meta.get("kind") != "clip":
+        raise ConceptlensError(f"{path} is not a model written by `conceptlens train clip`")
+    return meta, load_file(str(path))
+
+
+class TrainedCLIP(MappedEncoder):
+    """A model trained by `conceptlens train clip`: frozen towers + the learned heads (URI `clip:PATH`)."""
+
+    def __init__(self, path: Path | str, meta: dict, tensors: dict[str, torch.Tensor], image_tower: Encoder,
+                 text_tower: Encoder):
+        cfg = meta["config"]
+        self.name, self.meta = f"clip:{path}", meta
+        self.base, self.text_tower = image_tower, text_tower
+        self.image_head = make_head(cfg["head"], image_tower.embed_dim, cfg["embed_dim"])
+        self.text_head = make_head(cfg["head"], text_tower.embed_dim, cfg["embed_dim"])
+        self.image_head.load_state_dict({k[11:]: v for k, v in tensors.items() if k.startswith("image_head.")})
+        self.text_head.load_state_dict({k[10:]: v for k, v in tensors.items() if k.startswith("text_head.")})
+        self.image_head.eval()
+        self.text_head.eval()
+        self.embed_dim, self.preprocess, self.layer = cfg["embed_dim"], image_tower.preprocess, None
+
+    def modules(self):
+        return [self.image_head, self.text_head] + self.base.modules()
+
+    def map_tensor(self, feats: torch.Tensor) -> torch.Tensor:
+        return self.image_head(feats)
+
+    def map_direction(self, V: np.ndarray) -> np.ndarray:
+        if not isinstance(self.image_head, torch.nn.Linear):
+            raise ConceptlensError(f"{self.name} has an MLP image head: a direction has no image in its space "
+                                   "(only linear heads map directions)")
+        return np.asarray(V, np.float32) @ self.image_head.weight.detach().numpy().T
+
+    def encode_text(self, texts) -> torch.Tensor:
+        with torch.no_grad():
+            return self.text_head(self.text_tower.encode_text(texts).float())

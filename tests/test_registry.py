@@ -1,0 +1,95 @@
+"""Every registered model builds (timm-style), with its tags honoured or refused; estimators clone like scikit-learn's."""
+import numpy as np
+import pytest
+from sklearn.base import clone
+
+from conceptlens.concepts import Aligner, ConceptBottleneck
+from conceptlens.errors import ConceptlensError
+from conceptlens.eval import LinearProbe
+from conceptlens.models import Denoiser, Encoder, list_models, load_model
+from conftest import tiny_hf_clip, tiny_sd_pipeline, trained_clip_file
+
+
+def _diffusers_dir(tmp_path):
+    (tmp_path / "tok").mkdir()
+    tiny_sd_pipeline(tmp_path / "tok").save_pretrained(tmp_path / "sd")
+    return str(tmp_path / "sd")
+
+
+def _hf_dir(tmp_path):
+    tiny_hf_clip(tmp_path / "hf")
+    return str(tmp_path / "hf")
+
+
+# schemes whose models need local files: how this test makes them (a new such scheme must be added here)
+LOCAL = {"hf": _hf_dir, "clip": trained_clip_file, "diffusers": _diffusers_dir}
+
+
+def _uris(info, tmp_path):
+    if not info.is_scheme:
+        return [info.name if tag is None else f"{info.name}/{tag}" for tag in info.tags]
+    scheme = info.name.split(":")[0]
+    if info.example:
+        return [info.example]
+    assert scheme in LOCAL, f"{info.name} has no example and no local builder in this test"
+    return [f"{scheme}:{LOCAL[scheme](tmp_path)}"]
+
+
+@pytest.mark.parametrize("info", list_models(), ids=lambda i: i.name)
+def test_every_registered_model_builds(info, tmp_path):
+    for uri in _uris(info, tmp_path):
+        model = load_model(uri)
+        if info.kind == "diffusion":
+            assert isinstance(model, Denoiser) and not isinstance(model, Encoder)
+        else:
+            assert isinstance(model, Encoder) and model.kind == info.kind, (uri, model)
+            if info.embed_dim:
+                assert model.embed_dim == info.embed_dim
+        assert uri.split(":", 1)[1].split("/")[0] in model.name
+
+
+@pytest.mark.parametrize("info", [i for i in list_models() if not i.is_scheme], ids=lambda i: i.name)
+def test_unknown_tags_are_refused(info):
+    with pytest.raises(ConceptlensError, match="has no tag 'bogus'"):
+        load_model(f"{info.name}/bogus")
+
+
+def test_random_tag_is_refused_where_it_means_nothing_and_never_renames_the_shared_instance():
+    with pytest.raises(ConceptlensError, match="builtin:lite-clip has no tag 'random'"):
+        load_model("builtin:lite-clip/random")
+    assert load_model("builtin:lite-clip").name == "builtin:lite-clip"
+    assert load_model("builtin:efficientnet-lite0/random").name == "builtin:efficientnet-lite0/random"
+    assert load_model("builtin:tiny-diffusion-cifar10/random").name.endswith("/random")
+
+
+def test_unknown_names_suggest_close_ones():
+    with pytest.raises(ConceptlensError, match="did you mean builtin:lite-clip"):
+        load_model("builtin:lite-clp")
+    with pytest.raises(ConceptlensError, match="did you mean timm"):
+        load_model("tim:resnet18")
+    with pytest.raises(ConceptlensError, match="--layer applies to vision models"):
+        load_model("builtin:minilm", layer="encoder")
+
+
+@pytest.mark.parametrize("est", [Aligner(method="procrustes", alphas=[1.0, 2.0], seed=3),
+                                 ConceptBottleneck(max_concepts=7, Cs=[0.1, 1.0], seed=2),
+                                 LinearProbe(lr=0.05, epochs=3, weight_decay=1e-3)], ids=lambda e: type(e).__name__)
+def test_estimators_clone_and_keep_parameters_unchanged(est):
+    twin = clone(est)
+    assert type(twin) is type(est) and twin.get_params() == est.get_params()
+    assert twin is not est
+
+
+def test_estimators_validate_in_fit_and_return_numpy():
+    rng = np.random.default_rng(0)
+    X, y = rng.normal(size=(60, 6)).astype(np.float32), np.repeat([0, 1, 2], 20)
+    bad = Aligner(method="magic")  # constructing never fails: parameters are checked by fit
+    with pytest.raises(ConceptlensError, match="unknown alignment method"):
+        bad.fit(X, X)
+    probe = LinearProbe(epochs=2, weight_decay=1e-4)
+    assert probe.fit(X, y) is probe
+    assert isinstance(probe.decision_function(X), np.ndarray) and probe.predict(X).dtype.kind == "i"
+    cbm = ConceptBottleneck(max_concepts=6).fit(X + 3 * np.eye(6)[y % 6], y)
+    assert isinstance(cbm.decision_function(X), np.ndarray)
+    al = Aligner().fit(X, X @ rng.normal(size=(6, 4)))
+    assert isinstance(al.transform(X), np.ndarray) and al.alphas is None and al.alpha_ > 0
