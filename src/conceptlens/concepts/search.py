@@ -47,21 +47,20 @@ def parse(query: str):
     def peek():
         return toks[i] if i < len(toks) else (None, None)
 
-    def expr():
+    def chain(op: str, name: str, operand):
+        """operand (op operand)*, left-associative: `|` over `&` over unary."""
         nonlocal i
-        node = conj()
-        while peek() == ("op", "|"):
+        node = operand()
+        while peek() == ("op", op):
             i += 1
-            node = ("or", node, conj())
+            node = (name, node, operand())
         return node
 
+    def expr():
+        return chain("|", "or", conj)
+
     def conj():
-        nonlocal i
-        node = unary()
-        while peek() == ("op", "&"):
-            i += 1
-            node = ("and", node, unary())
-        return node
+        return chain("&", "and", unary)
 
     def unary():
         nonlocal i
