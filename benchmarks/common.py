@@ -10,15 +10,27 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from conceptlens.features import resolve_precision  # noqa: E402
 from conceptlens.report import table_text  # noqa: E402
 from conceptlens.io import atomic_write_json, shared_dir  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def machine() -> dict:
-    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-            "torch": torch.__version__, "threads": torch.get_num_threads(), "device": "cpu"}
+    """Where a result was measured; `precision_auto` is what --precision auto runs (bf16 only where native)."""
+    return {"cpu": cpu_model(), "arch": platform.machine(), "cores": os.cpu_count(), "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "device": "cpu", "precision_auto": resolve_precision("auto")}
 
 
 def save(name: str, obj: dict) -> Path:
