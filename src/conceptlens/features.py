@@ -9,6 +9,7 @@ presence marks a complete entry.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import shutil
@@ -53,6 +54,7 @@ class Features:
         return torch.nn.functional.normalize(t, dim=-1) if normalize else t
 
 
+@functools.lru_cache(maxsize=1)
 def bf16_supported() -> bool:
     """True where oneDNN has native bf16 kernels (AVX512-BF16 or AMX); elsewhere bf16 would be slower."""
     try:

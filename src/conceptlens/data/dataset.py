@@ -149,10 +149,10 @@ def iter_shard(shard: Shard) -> Iterator[tuple[int, Image.Image | None, str | No
 
 
 def iter_images(dataset: ImageDataset) -> Iterator[tuple[int, Image.Image | None, str | None]]:
-    """(dataset row, image or None, error or None) for every image, in dataset order."""
+    """(dataset row, image or None, error or None) for every image, shard by shard, decoded lazily."""
     pos = 0
     for shard in dataset.shards:
-        for i, im, err in sorted(iter_shard(shard), key=lambda r: r[0]):
+        for i, im, err in iter_shard(shard):
             yield pos + i, im, err
         pos += len(shard.items)
 
