@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from conceptlens.features import resolve_precision  # noqa: E402
+from conceptlens.runtime import resolve_precision  # noqa: E402
 from conceptlens.report import table_text  # noqa: E402
 from conceptlens.io import atomic_write_json, shared_dir  # noqa: E402
 

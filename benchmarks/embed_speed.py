@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from common import save, shared_dir, table_text
+from conceptlens.runtime import resolve_precision
 from conceptlens.eval import zeroshot
 from conceptlens.models import load_model
 from conceptlens.data import load_dataset
@@ -59,7 +60,7 @@ def main() -> dict:
            "naive_img_per_s": N / t_naive, "ours_img_per_s": N / t_ours, "cold_cached_s": t_cold, "hit_s": t_hit,
            "cache_speedup": t_cold / t_hit, "cosine_min": cos.min().item(), "cosine_mean": cos.mean().item(),
            "zeroshot_acc1_naive": acc_ref, "zeroshot_acc1_ours": acc_ours,
-           "precision": "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"}
+           "precision": resolve_precision("auto")}
     print(table_text([["what", "value"], ["naive img/s", f"{res['naive_img_per_s']:.1f}"],
                       ["conceptlens embed img/s", f"{res['ours_img_per_s']:.1f}"], ["speedup", f"{res['speedup']:.2f}x"],
                       ["cached re-run speedup", f"{res['cache_speedup']:.0f}x"],

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conceptlens.diffusion import DiffusionClassifier, lowdisc_timesteps
-from conceptlens.features import bf16_supported
+from conceptlens.runtime import bf16_supported
 from conceptlens.models import load_model
 from conceptlens.models.denoisers import DiffusersModel
 from conceptlens.errors import ConceptlensError

@@ -3,8 +3,9 @@ the per-image loop) and dataset evaluation in CLIP_benchmark's layout. The scori
 `strategies`; the denoisers in `conceptlens.models.denoisers`."""
 from __future__ import annotations
 
+import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Sequence
 
 import numpy as np
@@ -12,12 +13,13 @@ import torch
 import torch.nn.functional as F
 
 from ..data import ImageDataset, to_arrays
+from ..engine import Engine
 from ..errors import ConceptlensError, did_you_mean
 from ..eval.metrics import metrics, result_json
-from ..features import resolve_precision
-from ..io import progress
+from ..io import digest, progress
 from ..models import Denoiser
 from ..models.denoisers import EVAL_TEMPLATES, TinyDiffusion
+from ..runtime import resolve_device, resolve_precision
 from .strategies import STRATEGIES, lowdisc_timesteps, pair_errors
 
 PRESETS = {"cifar10": {"to_keep": [5, 1], "n_samples": [50, 500], "loss": "l1"},
@@ -42,8 +44,9 @@ class DiffusionClassifier:
     min_scores: int = 20  # ttest
     max_scores: int = 2000  # ttest
     batch_size: int = 128
-    precision: str = "auto"  # bf16 autocast where the CPU has native bf16 kernels, else fp32
+    precision: str = "auto"  # bf16 autocast where the CPU has native bf16 kernels or on CUDA, else fp32
     seed: int = 0
+    device: str | None = None  # None = where the model is; else the model is moved there
 
     def __post_init__(self):
         if not isinstance(self.model, Denoiser):
@@ -55,7 +58,14 @@ class DiffusionClassifier:
             raise ConceptlensError("loss is l1|l2 and target eps|x0")
         if self.budget is not None and self.budget < 1 or self.n_samples < 1:
             raise ConceptlensError("budget and n_samples must be positive")
-        resolve_precision(self.precision)
+        if self.device is not None:
+            self.model.to(self.device)
+        resolve_precision(self.precision, self.model.device)
+
+    def to(self, device: str | torch.device) -> "DiffusionClassifier":
+        """Move the denoiser to `device` (what a Ray worker does with its copy); returns self."""
+        self.model.to(resolve_device(device))
+        return self
 
     @classmethod
     def from_preset(cls, model: Denoiser, strategy: str = "halving", preset: str = "cifar10", loss: str | None = None,
@@ -87,7 +97,7 @@ class DiffusionClassifier:
     def evaluate_pairs(self, z0, cond, ts, noise, pairs) -> torch.Tensor:
         """Errors of (class, sample) pairs for one image: what every strategy calls."""
         return pair_errors(self.model, z0, cond, ts, noise, [c for c, _ in pairs], [s for _, s in pairs],
-                           self.batch_size, self.loss, self.target, resolve_precision(self.precision))
+                           self.batch_size, self.loss, self.target, resolve_precision(self.precision, self.model.device))
 
     def classify_one(self, image: torch.Tensor, cond: torch.Tensor, image_seed: int = 0) -> dict:
         """Predict one image [3,H,W] in [-1,1]; returns prediction, per-class mean errors, and evaluations."""
@@ -95,13 +105,32 @@ class DiffusionClassifier:
         return STRATEGIES[self.strategy](self, z0, cond, len(cond), image_seed)
 
     def predict(self, images: torch.Tensor, classnames: Sequence[str], templates: Sequence[str],
-                show_progress: bool = True, seeds: Sequence[int] | None = None) -> list[dict]:
-        """Classify a batch of images [B,3,H,W] in [-1,1]."""
-        cond = self.prompt_embeddings(classnames, templates)
+                show_progress: bool = True, seeds: Sequence[int] | None = None, engine: Engine | None = None,
+                unit_size: int = 4) -> list[dict]:
+        """Classify a batch of images [B,3,H,W] in [-1,1]: here, or on Ray in units of `unit_size` images
+        (results do not depend on where: every image has its own seed)."""
+        engine = engine or Engine()
+        cond = self.prompt_embeddings(classnames, templates).cpu()
         seeds = list(seeds) if seeds is not None else list(range(len(images)))
-        return [self.classify_one(images[i], cond, seeds[i])
-                for i in progress(range(len(images)), desc=f"diffusion classify [{self.strategy}]", unit="img",
-                                  disable=not show_progress or None)]
+        size = unit_size if engine.is_ray else 1
+        units = [(images[i:i + size], cond, seeds[i:i + size]) for i in range(0, len(images), size)]
+        # this driver's classifier object: a warm worker reuses its copy only for the same object
+        key = digest([self.model.name, os.getpid(), id(self), str(self.model.device),
+                      {f.name: getattr(self, f.name) for f in fields(self) if f.name != "model"}])
+        out: list[list[dict]] = [[] for _ in units]
+        with progress(total=len(images), desc=f"diffusion classify [{self.strategy}]", unit="img",
+                      disable=not show_progress or None) as bar:
+            for i, res in engine.map(classify_unit, self, key, units, self.model.device):
+                out[i] = res
+                bar.update(len(res))
+        return [r for rs in out for r in rs]
+
+
+def classify_unit(clf: DiffusionClassifier, unit: tuple[torch.Tensor, torch.Tensor, list[int]]) -> list[dict]:
+    """The pure per-unit function (local and Ray): classify some images with their own seeds."""
+    images, cond, seeds = unit
+    cond = cond.to(clf.model.device)
+    return [clf.classify_one(im, cond, s) for im, s in zip(images, seeds)]
 
 
 def image_tensors(dataset: ImageDataset, size: int) -> tuple[torch.Tensor, np.ndarray, list[str]]:
@@ -116,14 +145,14 @@ def default_templates(model: Denoiser) -> list[str]:
 
 
 def evaluate(clf: DiffusionClassifier, dataset: ImageDataset, templates: Sequence[str] | None = None,
-             show_progress: bool = True) -> dict:
+             show_progress: bool = True, engine: Engine | None = None) -> dict:
     """Zero-shot evaluation in CLIP_benchmark's layout plus denoiser evaluations per image."""
     if not dataset.labelled:
         raise ConceptlensError(f"{dataset.name} is unlabelled: accuracy needs labels")
     x, y, keys = image_tensors(dataset, clf.model.image_size)
     tmpl = list(templates or default_templates(clf.model))
     t0 = time.perf_counter()
-    out = clf.predict(x, dataset.classnames, tmpl, show_progress=show_progress)
+    out = clf.predict(x, dataset.classnames, tmpl, show_progress=show_progress, engine=engine)
     secs = time.perf_counter() - t0
     scores = -torch.tensor([o["errors"] for o in out]).nan_to_num(nan=float("inf"))
     scores[torch.arange(len(out)), torch.tensor([o["pred"] for o in out])] = float("inf")  # the strategy's pick
@@ -132,7 +161,7 @@ def evaluate(clf: DiffusionClassifier, dataset: ImageDataset, templates: Sequenc
     m["seconds_per_image"] = secs / len(out)
     res = result_json(dataset.name, clf.model.name, "zeroshot_classification", m)
     res.update({"strategy": clf.strategy, "loss": clf.loss, "target": clf.target, "templates": tmpl,
-                "precision": resolve_precision(clf.precision),
+                "precision": resolve_precision(clf.precision, clf.model.device), "device": str(clf.model.device),
                 "n_images": len(out), "classnames": list(dataset.classnames),
                 "predictions": [{"key": k, "pred": o["pred"], "evals": o["evals"]} for k, o in zip(keys, out)]})
     res["_scores"] = scores  # for reports; dropped when written

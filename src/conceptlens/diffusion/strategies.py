@@ -28,6 +28,7 @@ from scipy import stats
 from ..errors import ConceptlensError
 from ..models import Denoiser
 from ..models.denoisers import add_noise
+from ..runtime import autocast
 
 
 def error_fn(noise: torch.Tensor, pred: torch.Tensor, alphas: torch.Tensor, t: torch.Tensor, T: int,
@@ -47,21 +48,25 @@ def error_fn(noise: torch.Tensor, pred: torch.Tensor, alphas: torch.Tensor, t: t
 def pair_errors(model: Denoiser, z0: torch.Tensor, cond: torch.Tensor, ts: torch.Tensor, noise: torch.Tensor,
                 cls_idx: Sequence[int], sample_idx: Sequence[int], batch_size: int = 128, loss: str = "l2",
                 target: str = "eps", precision: str = "fp32") -> torch.Tensor:
-    """Errors of the given (class, sample) pairs for one image latent z0 [1, ...]: a pure function."""
-    alphas = model.scheduler.alphas_cumprod.float()
+    """Errors of the given (class, sample) pairs for one image latent z0 [1, ...]: a pure function. It runs on
+    z0's device (timesteps and noise are drawn on the CPU, so every device sees the same draws) and syncs
+    with the host once, at the end."""
+    dev = z0.device
+    alphas = model.scheduler.alphas_cumprod.float().to(dev)
     T = model.scheduler.config.num_train_timesteps
-    ci, si = torch.as_tensor(list(cls_idx)), torch.as_tensor(list(sample_idx))
-    out = torch.zeros(len(ci))
+    ci, si = torch.as_tensor(list(cls_idx), device=dev), torch.as_tensor(list(sample_idx), device=dev)
+    ts, noise, cond = ts.to(dev), noise.to(dev), cond.to(dev)
+    out = torch.zeros(len(ci), device=dev)
     for s in range(0, len(ci), batch_size):
         c, k = ci[s:s + batch_size], si[s:s + batch_size]
         t, eps = ts[k], noise[k]
         z_t = add_noise(z0, eps, t, alphas)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        with autocast(dev, precision):
             pred = model.denoise(z_t, t, cond[c])
-        e = error_fn(eps, pred, alphas, t, T, loss, target)
-        if not torch.isfinite(e).all():
-            raise ConceptlensError(f"non-finite denoiser output under {precision}; use --precision fp32")
-        out[s:s + len(c)] = e
+        out[s:s + len(c)] = error_fn(eps, pred, alphas, t, T, loss, target)
+    out = out.cpu()
+    if not torch.isfinite(out).all():
+        raise ConceptlensError(f"non-finite denoiser output under {precision}; use --precision fp32")
     return out
 
 

@@ -59,7 +59,7 @@ class OpenCLIPModel(Encoder):
 
     @torch.no_grad()
     def encode_text(self, texts) -> torch.Tensor:
-        return self.model.encode_text(self.tokenizer(list(texts))).float()
+        return self.model.encode_text(self.tokenizer(list(texts)).to(self.device)).float()
 
 
 class HFModel(Encoder):
@@ -113,7 +113,7 @@ class HFModel(Encoder):
         if self.tokenizer is None:
             raise ConceptlensError(f"{self.name} has no tokenizer files")
         padding = "max_length" if "siglip" in type(self.model).__name__.lower() else True
-        enc = self.tokenizer(list(texts), padding=padding, truncation=True, return_tensors="pt")
+        enc = self.tokenizer(list(texts), padding=padding, truncation=True, return_tensors="pt").to(self.device)
         return self._tensor(self.model.get_text_features(**enc)).float()
 
 

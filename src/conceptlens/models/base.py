@@ -2,7 +2,8 @@
 
 - `Encoder`: a frozen encoder with `encode_image` (batch of preprocessed CHW tensors or PIL images -> [B, D],
   unnormalised, like open_clip) and/or `encode_text` (strings -> [B, D]); `preprocess` maps one PIL image to a
-  CHW tensor. `kind` says which towers exist: "vision", "text" or "vision-language".
+  CHW tensor. `kind` says which towers exist: "vision", "text" or "vision-language". `to(device)` moves it;
+  inputs may live anywhere and outputs are on `device` (callers that need numpy call `.cpu()`).
 - `VisionTower`: any torch vision network read at its penultimate layer or a named layer; it exposes
   `features(batch)` (differentiable) and `spatial_module()` (the last conv layer) for Grad-CAM.
 - `MappedEncoder`: an image tower `base` followed by a fixed map into a vision-language space (an aligner,
@@ -22,6 +23,7 @@ import torch
 from PIL import Image
 
 from ..errors import ConceptlensError, did_you_mean
+from ..runtime import resolve_device, to_device
 
 
 def require(module: str, package: str):
@@ -40,6 +42,26 @@ class Encoder:
     embed_dim: int
     preprocess: Callable[[Image.Image], torch.Tensor] | None = None
     layer: str | None = None
+    device: torch.device = torch.device("cpu")
+
+    def to(self, device: str | torch.device) -> "Encoder":
+        """Move every weight (and the sub-encoders of composite models) to `device`; returns self."""
+        dev = resolve_device(device)
+        for enc in self.encoders():
+            if enc is not self:
+                enc.to(dev)
+        for mod in self.own_modules():
+            mod.to(dev)
+        self.device = dev
+        return self
+
+    def encoders(self) -> list["Encoder"]:
+        """The encoders this one is made of (composites override; `to` moves them all)."""
+        return [self]
+
+    def own_modules(self) -> list[torch.nn.Module]:
+        """Weights held directly, not through a sub-encoder (what `to` moves for this object)."""
+        return self.modules()
 
     def encode_image(self, images) -> torch.Tensor:
         raise ConceptlensError(f"{self.name} is a {self.kind} model: it has no image tower")
@@ -95,11 +117,14 @@ class Encoder:
         return repr(self.preprocess)
 
     def _as_batch(self, images) -> torch.Tensor:
+        """A preprocessed [B, 3, H, W] batch on this model's device."""
         if isinstance(images, torch.Tensor):
-            return images if images.ndim == 4 else images.unsqueeze(0)
-        if isinstance(images, Image.Image):
-            images = [images]
-        return torch.stack([self.preprocess(im.convert("RGB")) for im in images])
+            x = images if images.ndim == 4 else images.unsqueeze(0)
+        else:
+            if isinstance(images, Image.Image):
+                images = [images]
+            x = torch.stack([self.preprocess(im.convert("RGB")) for im in images])
+        return to_device(x, self.device)
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name} kind={self.kind} dim={self.embed_dim}>"
@@ -154,7 +179,7 @@ class VisionTower(Encoder):
     def features(self, batch: torch.Tensor) -> torch.Tensor:
         """Run the network on a preprocessed batch and return the captured representation."""
         self._captured = None
-        out = self.module(batch)
+        out = self.module(to_device(batch, self.device))
         feats = self._captured if self._needs_full_forward else out
         if feats.ndim == 4:
             feats = feats.mean(dim=(2, 3))
@@ -186,14 +211,14 @@ class MappedEncoder(Encoder):
     def map_features(self, X) -> np.ndarray:
         """Rows of cached base features [n, d_base] -> [n, D]."""
         with torch.no_grad():
-            return self.map_tensor(torch.from_numpy(np.asarray(X, np.float32))).numpy()
+            return self.map_tensor(to_device(torch.from_numpy(np.asarray(X, np.float32)), self.device)).cpu().numpy()
 
     def encode_image(self, images) -> torch.Tensor:
         with torch.no_grad():
             return self.map_tensor(self.base.encode_image(images).float())
 
     def features(self, batch: torch.Tensor) -> torch.Tensor:
-        return self.map_tensor(self.base.features(batch).float())
+        return self.map_tensor(self.base.features(to_device(batch, self.device)).float())
 
     def spatial_module(self) -> torch.nn.Module | None:
         return self.base.spatial_module()
@@ -206,6 +231,11 @@ class Denoiser(Protocol):
     name: str
     image_size: int
     scheduler: Any  # diffusers-style: .alphas_cumprod, .config.num_train_timesteps
+    device: torch.device
+
+    def to(self, device: str | torch.device) -> "Denoiser":
+        """Move the weights to `device`; returns self. Outputs of the methods below are on `device`."""
+        ...
 
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
         """Conditioning per prompt: [N, D] pooled vectors or [N, L, D] token sequences."""

@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 
 from ..errors import ConceptlensError
 from ..io import asset_path, file_sha256, read_safetensors_meta, save_safetensors
+from ..runtime import resolve_device
 from .text import minilm
 
 NAME = "builtin:tiny-diffusion-cifar10"
@@ -75,6 +76,12 @@ class TinyDiffusion:
     name: str = NAME
     meta: dict | None = None
     image_size: int = 32
+    device: torch.device = torch.device("cpu")
+
+    def to(self, device: str | torch.device) -> "TinyDiffusion":
+        self.device = resolve_device(device)
+        self.unet.to(self.device)
+        return self
 
     @classmethod
     def from_config(cls, seed: int = 0) -> "TinyDiffusion":
@@ -92,7 +99,7 @@ class TinyDiffusion:
         if images.shape[-2:] != (self.image_size, self.image_size):
             raise ConceptlensError(f"{self.name} takes {self.image_size}x{self.image_size} images, "
                                    f"got {tuple(images.shape[-2:])}")
-        return pack(images)
+        return pack(images.to(self.device))
 
     def denoise(self, z_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """Predicted noise for latents z_t at timesteps t given conditioning vectors [B, 384]."""
@@ -136,6 +143,12 @@ class DiffusersModel:
         self.vae = getattr(pipe, "vae", None)
         factor = 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae is not None else 1
         self.image_size = unet.config.sample_size * factor
+        self.device = torch.device("cpu")
+
+    def to(self, device: str | torch.device) -> "DiffusersModel":
+        self.device = resolve_device(device)
+        self.pipe.to(self.device)
+        return self
 
     @classmethod
     def from_pretrained(cls, repo: str) -> "DiffusersModel":
@@ -151,13 +164,14 @@ class DiffusersModel:
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
         tok = self.pipe.tokenizer(prompts, padding="max_length", max_length=self.pipe.tokenizer.model_max_length,
                                   truncation=True, return_tensors="pt")
-        return self.pipe.text_encoder(tok.input_ids)[0]
+        return self.pipe.text_encoder(tok.input_ids.to(self.device))[0]
 
     @torch.no_grad()
     def to_model_space(self, images: torch.Tensor) -> torch.Tensor:
         if images.shape[-2:] != (self.image_size, self.image_size):
             raise ConceptlensError(f"{self.name} takes {self.image_size}x{self.image_size} images, "
                                    f"got {tuple(images.shape[-2:])}")
+        images = images.to(self.device)
         if self.vae is None:
             return images
         return self.vae.encode(images).latent_dist.mean * self.vae.config.scaling_factor

@@ -70,6 +70,12 @@ class LiteCLIP(Encoder):
     def modules(self):
         return self.vision.modules() + self.text.modules() + [self.head]
 
+    def encoders(self):
+        return [self, self.vision, self.text]
+
+    def own_modules(self):
+        return [self.head]
+
     @property
     def fingerprint(self) -> str:
         return f"{self.vision.fingerprint}-{self.metadata.get('sha', '')}"

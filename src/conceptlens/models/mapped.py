@@ -71,6 +71,17 @@ class AlignedModel(MappedEncoder):
     def modules(self):
         return self.base.modules()
 
+    def encoders(self):
+        return [self, self.base, self.target]
+
+    def own_modules(self):
+        return []
+
+    def to(self, device) -> "AlignedModel":
+        super().to(device)
+        self._W, self._b = self._W.to(self.device), self._b.to(self.device)
+        return self
+
     @property
     def fingerprint(self) -> str:
         return f"{self.base.fingerprint}-{self.map.meta.get('sha', '')}"
@@ -127,6 +138,12 @@ class TrainedCLIP(MappedEncoder):
     def modules(self):
         return [self.image_head, self.text_head] + self.base.modules()
 
+    def encoders(self):
+        return [self, self.base, self.text_tower]
+
+    def own_modules(self):
+        return [self.image_head, self.text_head]
+
     def map_tensor(self, feats: torch.Tensor) -> torch.Tensor:
         return self.image_head(feats)
 
@@ -134,7 +151,7 @@ class TrainedCLIP(MappedEncoder):
         if not isinstance(self.image_head, torch.nn.Linear):
             raise ConceptlensError(f"{self.name} has an MLP image head: a direction has no image in its space "
                                    "(only linear heads map directions)")
-        return np.asarray(V, np.float32) @ self.image_head.weight.detach().numpy().T
+        return np.asarray(V, np.float32) @ self.image_head.weight.detach().cpu().numpy().T
 
     def encode_text(self, texts) -> torch.Tensor:
         with torch.no_grad():

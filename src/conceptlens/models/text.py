@@ -27,9 +27,9 @@ class SentenceEncoder(Encoder):
     def encode_text(self, texts, batch_size: int = 256) -> torch.Tensor:
         texts = list(texts)
         if not texts:
-            return torch.zeros(0, self.embed_dim)
+            return torch.zeros(0, self.embed_dim, device=self.device)
         return self.st.encode(texts, batch_size=batch_size, convert_to_tensor=True,
-                              normalize_embeddings=True, show_progress_bar=False).float().cpu()
+                              normalize_embeddings=True, show_progress_bar=False).float()
 
 
 @lru_cache(maxsize=1)

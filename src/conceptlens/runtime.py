@@ -1,0 +1,103 @@
+"""Where work runs: torch devices, autocast precision, and host<->device copies.
+
+`--device auto|cpu|cuda|cuda:N|mps`: `auto` is CUDA when available, else the CPU (silently); an explicit
+device that is not there is a one-line error. `--precision auto` is bf16 autocast on CPUs with native bf16
+kernels (AVX512-BF16 / AMX), bf16 on CUDA GPUs that support it (fp16 on older ones), fp32 elsewhere.
+
+Cache policy: features are keyed by device *type* as well as precision, because a GPU agrees with the CPU
+to tolerance (cosine > 0.999), not bit for bit. All CPU paths (local and every Ray CPU worker) share one
+entry: they are bit-identical in fp32 (tested).
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+
+import torch
+
+from .errors import ConceptlensError
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_device(spec: str | torch.device | None = "cpu") -> torch.device:
+    """A torch device from `auto`, `cpu`, `cuda`, `cuda:N` or `mps`; an absent explicit device is an error."""
+    if isinstance(spec, torch.device):
+        return spec
+    spec = (spec or "cpu").strip().lower()
+    if spec == "auto":
+        return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        dev = torch.device(spec)
+    except (RuntimeError, ValueError):
+        raise ConceptlensError(f"unknown device {spec!r}: use auto, cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cpu":
+        return dev
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConceptlensError(f"--device {spec}: CUDA is not available here "
+                                   f"(torch {torch.__version__}, {torch.cuda.device_count()} GPUs); use --device cpu or auto")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConceptlensError(f"--device {spec}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        return dev
+    if dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ConceptlensError(f"--device {spec}: Apple MPS is not available here; use --device cpu or auto")
+        return dev
+    raise ConceptlensError(f"unsupported device {spec!r}: use auto, cpu, cuda, cuda:N or mps")
+
+
+@functools.lru_cache(maxsize=1)
+def bf16_supported() -> bool:
+    """True where oneDNN has native bf16 kernels (AVX512-BF16 or AMX); elsewhere bf16 would be slower."""
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_precision(precision: str, device: torch.device | str | None = None) -> str:
+    """fp32 | bf16 | fp16 for `precision` on `device` (see the module docstring for what `auto` means)."""
+    if precision not in PRECISIONS:
+        raise ConceptlensError(f"unknown precision {precision!r}: use {', '.join(PRECISIONS)}")
+    dev = resolve_device(device)
+    if precision == "auto":
+        if dev.type == "cuda":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "bf16" if dev.type == "cpu" and bf16_supported() else "fp32"
+    if precision == "fp16" and dev.type == "cpu":
+        raise ConceptlensError("fp16 autocast is for GPUs; on a CPU use --precision bf16 or fp32")
+    return precision
+
+
+def autocast(device: torch.device, precision: str):
+    """Autocast to the resolved precision on `device` (a no-op context for fp32)."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=DTYPES[precision])
+
+
+def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host -> device through pinned memory with a non-blocking copy (no copy on the CPU)."""
+    if device.type == "cpu" or x.device == device:
+        return x
+    if device.type == "cuda" and x.device.type == "cpu":
+        x = x.pin_memory()
+    return x.to(device, non_blocking=True)
+
+
+def default_batch_size(device: torch.device, cpu: int) -> int:
+    """A batch size for the device: the CPU default, 4x that on an accelerator (overridable everywhere)."""
+    return cpu if device.type == "cpu" else 4 * cpu
+
+
+def decode_workers(device: torch.device) -> int:
+    """Decoder threads: 2 on the CPU (the model needs the cores), enough to keep an accelerator busy elsewhere."""
+    return 2 if device.type == "cpu" else max(2, min(16, (os.cpu_count() or 2)))
+
+
+def cache_tag(device: torch.device) -> list[str]:
+    """The cache-key part for a device: nothing on the CPU (so existing entries stay valid), else its type."""
+    return [] if device.type == "cpu" else [device.type]
