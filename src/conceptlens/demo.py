@@ -35,8 +35,9 @@ def prediction_cards(dataset, scores: torch.Tensor, classnames, limit: int = 24)
     return cards
 
 
-def run(report: Path, model_name: str = "builtin:lite-clip", templates: str = "openai") -> dict:
-    model = load_model(model_name)
+def run(report: Path, model_name: str = "builtin:lite-clip", templates: str = "openai", device: str = "cpu") -> dict:
+    """Zero-shot on the bundled photos and the ../shared sets present, plus the diffusion classifier, on `device`."""
+    model = load_model(model_name, device=device)
     jobs = [("samples", "samples", None)]
     shared = shared_dir()
     for name, rel, limit in SHARED_SETS:
@@ -61,7 +62,7 @@ def run(report: Path, model_name: str = "builtin:lite-clip", templates: str = "o
     print(table_text(rows))
     cifar = shared / SHARED_SETS[1][1]
     if cifar.exists():
-        sections.append(diffusion_section(cifar, model, templates, results))
+        sections.append(diffusion_section(cifar, model, templates, results, device))
     report = Path(report)
     sections.insert(0, {"title": f"Zero-shot with {model.name} ({templates} templates)", "table": rows})
     write_html(report / "index.html", f"conceptlens demo — {model.name}", sections)
@@ -70,10 +71,10 @@ def run(report: Path, model_name: str = "builtin:lite-clip", templates: str = "o
     return results
 
 
-def diffusion_section(spec: Path, model, templates: str, results: dict) -> dict:
+def diffusion_section(spec: Path, model, templates: str, results: dict, device: str = "cpu") -> dict:
     """The embedded diffusion classifier (our halving strategy; bf16 where native) on a few CIFAR-10 test images vs lite-clip."""
     ds = load_dataset(spec, limit=DIFFUSION_DEMO["images"])
-    clf = DiffusionClassifier(load_model("builtin:tiny-diffusion-cifar10"), DIFFUSION_DEMO["strategy"], loss="l1",
+    clf = DiffusionClassifier(load_model("builtin:tiny-diffusion-cifar10", device=device), DIFFUSION_DEMO["strategy"], loss="l1",
                               budget=DIFFUSION_DEMO["budget"])
     res = diffusion_evaluate(clf, ds)
     preds = res.pop("_scores").argmax(1).numpy()

@@ -14,6 +14,8 @@ pool or dataset planning) and give exact control over units, which resume and re
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import os
 import socket
 from dataclasses import dataclass
@@ -25,6 +27,7 @@ from .errors import ConceptlensError
 from .runtime import resolve_device
 
 ENGINES = ("local", "ray")
+_CURRENT: contextvars.ContextVar["Engine | None"] = contextvars.ContextVar("conceptlens_engine", default=None)
 _PAYLOADS: dict[str, Any] = {}  # per worker process: payload key -> materialised payload on its device
 
 
@@ -50,6 +53,19 @@ class Engine:
     @property
     def is_ray(self) -> bool:
         return self.kind == "ray"
+
+    def resolve_device(self, spec: str | torch.device | None) -> torch.device:
+        """The device work runs on. Locally it must exist here; on Ray it must exist on the workers (`auto`
+        = CUDA when the cluster has GPUs), so a CPU-only driver can send work to GPU workers."""
+        if not self.is_ray or isinstance(spec, torch.device):
+            return resolve_device(spec)
+        spec = (spec or "cpu").strip().lower()
+        if spec == "auto":
+            return torch.device("cuda" if connect(self.address).cluster_resources().get("GPU", 0) else "cpu")
+        try:
+            return torch.device(spec)
+        except (RuntimeError, ValueError):
+            raise ConceptlensError(f"unknown device {spec!r}: use auto, cpu, cuda, cuda:N or mps") from None
 
     def map(self, fn: Callable[[Any, Any], Any], payload: Any, key: str, units: Sequence[Any],
             device: torch.device | str = "cpu") -> Iterator[tuple[int, Any]]:
@@ -80,6 +96,21 @@ class Engine:
         finally:
             for ref in pending:
                 ray.cancel(ref, force=True)
+
+
+def current() -> Engine:
+    """The engine in effect: the innermost `using(...)`, else local."""
+    return _CURRENT.get() or Engine()
+
+
+@contextlib.contextmanager
+def using(engine: Engine):
+    """Run everything inside on `engine` unless a call names its own (`with using(Engine("ray")): ...`)."""
+    token = _CURRENT.set(engine)
+    try:
+        yield engine
+    finally:
+        _CURRENT.reset(token)
 
 
 def _get(ray, ref):

@@ -25,11 +25,11 @@ import torch
 from torchvision import transforms as T
 
 from .data import ImageDataset, Shard, iter_shard
-from .engine import Engine
+from .engine import Engine, current
 from .errors import ConceptlensError
 from .io import atomic_save_npy, atomic_write_json, cache_dir, digest, progress
 from .models import Encoder, MappedEncoder
-from .runtime import autocast, cache_tag, decode_workers, default_batch_size, resolve_device, resolve_precision, to_device
+from .runtime import autocast, cache_tag, decode_workers, default_batch_size, resolve_precision, to_device
 
 PENDING, DONE, SKIPPED = 0, 1, 2
 
@@ -239,8 +239,8 @@ def embed(model: Encoder, dataset: ImageDataset, batch_size: int | None = None, 
         if device is not None:
             model.to(device)
         return dataclasses.replace(base, X=model.map_features(base.X), model=model.name)
-    engine = engine or Engine()
-    dev = resolve_device(device) if device is not None else model.device
+    engine = engine or current()
+    dev = engine.resolve_device(device) if device is not None else model.device
     if not engine.is_ray:
         model.to(dev)
     precision = resolve_precision(precision, dev)
@@ -363,10 +363,10 @@ def embed_texts(model: Encoder, texts: Sequence[str], batch_size: int = 512, use
     Long lists go chunk by chunk (whole batches, so results do not depend on chunking) into a resumable
     store: a killed run, local or Ray, redoes only unfinished chunks."""
     texts = list(texts)
-    engine = engine or Engine()
-    if device is not None and not engine.is_ray:
-        model.to(device)
-    dev = resolve_device(device) if device is not None else model.device
+    engine = engine or current()
+    dev = engine.resolve_device(device) if device is not None else model.device
+    if not engine.is_ray:
+        model.to(dev)
     key = digest([model.name, model.fingerprint, texts, *cache_tag(dev)])
     path = cache_dir("text") / f"{key}.npy"
     if use_cache and path.exists():
@@ -375,7 +375,8 @@ def embed_texts(model: Encoder, texts: Sequence[str], batch_size: int = 512, use
         return torch.zeros(0, model.embed_dim)
     span = batch_size * batches_per_chunk
     starts = list(range(0, len(texts), span))
-    if len(starts) == 1 and not engine.is_ray:
+    if len(starts) == 1:  # a handful of prompts: here, whatever the engine (a Ray round trip would cost more)
+        model.to(dev)
         out = embed_text_chunk(model, (texts, batch_size))
     else:
         root = path.with_suffix(".partial") if use_cache else Path(os.environ.get("TMPDIR", "/tmp")) / f"conceptlens-text-{key}"

@@ -30,10 +30,24 @@ def add_train_test(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=positive, help="evenly spaced subset of N images of each")
 
 
+def add_device(p: argparse.ArgumentParser, engine: bool = True) -> None:
+    """--device, and (for verbs with per-shard work) --engine / --ray-address / --ray-workers."""
+    p.add_argument("--device", default="cpu", help="auto | cpu | cuda | cuda:N | mps (auto = CUDA when available)")
+    if engine:
+        p.add_argument("--engine", default="local", choices=["local", "ray"],
+                       help="run the heavy per-shard work here or on a Ray cluster")
+        p.add_argument("--ray-address", help="HOST:PORT of a running cluster (`ray start --head`); default: start one here")
+        p.add_argument("--ray-workers", type=positive, help="concurrent Ray workers (default: one per CPU, or per GPU)")
+
+
+def add_precision(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="auto = bf16 autocast on CPUs with native bf16 kernels and on CUDA (fp16 on older GPUs), else fp32")
+
+
 def add_embed_opts(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--batch-size", type=positive, default=64)
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
-                   help="auto = bf16 where the CPU has native bf16 kernels")
+    p.add_argument("--batch-size", type=positive, help="images per batch (default: 64 on the CPU, 256 on a GPU)")
+    add_precision(p)
     p.add_argument("--no-cache", action="store_true", help="do not read or write the feature cache")
     p.add_argument("--strict", action="store_true", help="unreadable images are an error instead of skipped")
 
@@ -56,6 +70,8 @@ def command(sub, name: str, help: str, func, inputs: str | None = "data", model:
         p.add_argument("--limit", type=positive, help="evenly spaced subset of N images of each")
     if embed:
         add_embed_opts(p)
+    if model or embed:
+        add_device(p)
     p.set_defaults(func=func)
     return p
 
@@ -72,12 +88,24 @@ def positive(text: str) -> int:
 
 
 def embed_kwargs(a: argparse.Namespace) -> dict:
-    return {"batch_size": a.batch_size, "precision": a.precision, "use_cache": not a.no_cache, "strict": a.strict}
+    return {"batch_size": a.batch_size, "precision": a.precision, "use_cache": not a.no_cache, "strict": a.strict,
+            "device": a.device}
+
+
+def engine_of(a: argparse.Namespace):
+    """The engine the command's options ask for (local unless --engine ray)."""
+    from ..engine import Engine
+    return Engine(getattr(a, "engine", "local"), getattr(a, "ray_address", None), getattr(a, "ray_workers", None))
+
+
+def load_on_device(a: argparse.Namespace, name: str, **kw):
+    """A model on --device (on Ray, the driver keeps it on the CPU and every worker moves its copy)."""
+    from ..models import load_model
+    return load_model(name, device=None if getattr(a, "engine", "local") == "ray" else a.device, **kw)
 
 
 def model_of(a: argparse.Namespace, need_text: bool = False):
-    from ..models import load_model
-    model = load_model(a.model, layer=a.layer, aligner=a.aligner)
+    model = load_on_device(a, a.model, layer=a.layer, aligner=a.aligner)
     if need_text and not model.has_text:
         raise ConceptlensError(f"{model.name} has no text tower: give --aligner FILE (see `conceptlens align`)")
     return model

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ._options import command, command_line, dataset_of, embed_kwargs, load_vectors, model_of, positive, table, write_json
+from ._options import (command, command_line, dataset_of, embed_kwargs, load_on_device, load_vectors, model_of, positive,
+                       table, write_json)
 
 
 def register(sub) -> None:
@@ -42,8 +43,7 @@ def register(sub) -> None:
 
 def align(a) -> None:
     from ..concepts import fit
-    from ..models import load_model
-    al, meta = fit(load_model(a.source, layer=a.layer), a.target, dataset_of(a, a.data), method=a.method,
+    al, meta = fit(load_on_device(a, a.source, layer=a.layer), a.target, dataset_of(a, a.data), method=a.method,
                    holdout=a.holdout, seed=a.seed, **embed_kwargs(a))
     al.save(Path(a.out), meta | {"command": command_line()})
     m = al.metrics_

@@ -1,7 +1,7 @@
 """`diffusion-classify`: zero-shot classification with a text-conditioned diffusion model."""
 from __future__ import annotations
 
-from ._options import add_data, dataset_of, positive, table, write_json
+from ._options import add_data, add_device, add_precision, dataset_of, load_on_device, positive, table, write_json
 
 
 def register(sub) -> None:
@@ -15,8 +15,8 @@ def register(sub) -> None:
     p.add_argument("--loss", choices=["l1", "l2"])
     p.add_argument("--target", default="eps", choices=["eps", "x0"])
     p.add_argument("--templates", help="file of prompt templates ({} marks the class); default: unseen ones")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
-                   help="auto = bf16 autocast where the CPU has native bf16 kernels, else fp32")
+    add_precision(p)
+    add_device(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output")
     p.set_defaults(func=classify)
@@ -25,8 +25,7 @@ def register(sub) -> None:
 def classify(a) -> None:
     from ..diffusion import DiffusionClassifier, evaluate
     from ..eval import load_templates
-    from ..models import load_model
-    clf = DiffusionClassifier.from_preset(load_model(a.model), a.strategy, a.preset, a.loss, target=a.target,
+    clf = DiffusionClassifier.from_preset(load_on_device(a, a.model), a.strategy, a.preset, a.loss, target=a.target,
                                           n_samples=a.n_samples, budget=a.budget, precision=a.precision, seed=a.seed)
     tmpl = [t.replace("{c}", "{}") for t in load_templates(a.templates)] if a.templates else None
     res = evaluate(clf, dataset_of(a, a.data), tmpl)

@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import ConceptlensError
-from ._options import command, dataset_of, embed_kwargs, load_vectors, model_of, positive
+from ._options import command, dataset_of, embed_kwargs, load_on_device, load_vectors, model_of, positive
 
 
 def register(sub) -> None:
@@ -31,9 +31,8 @@ def _indices(text: str) -> list[int]:
 
 def explain(a) -> None:
     from ..explain import run_falcon
-    from ..models import load_model
     from ..report import explain_report
-    model, vl, ds = model_of(a), load_model(a.vl_model), dataset_of(a, a.data)
+    model, vl, ds = model_of(a), load_on_device(a, a.vl_model), dataset_of(a, a.data)
     res = run_falcon(model, ds, vl, features=_indices(a.features) if a.features else None,
                      directions=load_vectors(a.direction) if a.direction else None, top_groups=a.top_groups,
                      transfer=a.transfer, banks=a.captions.split(","), k=a.k, top_n=a.top_n,

@@ -32,7 +32,10 @@ def main(argv: list[str] | None = None) -> int:
     warnings.formatwarning = lambda msg, cat, *a, **k: f"warning: {msg}\n"
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        from ..engine import using  # light: no torch work until a model is built
+        from ._options import engine_of
+        with using(engine_of(args)):
+            args.func(args)
         return 0
     except ConceptlensError as exc:
         print(f"conceptlens: error: {exc}", file=sys.stderr)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ._options import command_line, positive
+from ._options import add_device, add_precision, command_line, positive
 
 
 def register(sub) -> None:
@@ -12,6 +12,7 @@ def register(sub) -> None:
     p.add_argument("what", choices=["lite-clip"])
     p.add_argument("--out", help="output file (default: the packaged asset)")
     p.add_argument("--seed", type=int, default=0)
+    add_device(p, engine=False)
     p.set_defaults(func=build)
     p = sub.add_parser("train", help="train a model (resumable: rerun the same command to continue)")
     tsub = p.add_subparsers(dest="what", required=True)
@@ -25,27 +26,31 @@ def register(sub) -> None:
     p.add_argument("--threads", type=positive, help="torch CPU threads (default: all)")
     p.add_argument("--ckpt-every", type=positive, default=100)
     p.add_argument("--export", help="where the finished weights go (default: the packaged asset)")
+    add_device(p, engine=False)
+    add_precision(p)
     p.set_defaults(func=train_diffusion)
     p = tsub.add_parser("clip", help="CLIP-type training (frozen towers + heads, LiT-style) from a TOML/YAML config")
     p.add_argument("--config", required=True)
     p.add_argument("--out", help="output folder (default: the config's `out` or runs/clip)")
+    add_device(p, engine=False)
     p.set_defaults(func=train_clip)
 
 
 def build(a) -> None:
     from ..train.lite_clip import build as run
-    meta = run(Path(a.out) if a.out else None, seed=a.seed)["meta"]
+    meta = run(Path(a.out) if a.out else None, seed=a.seed, device=a.device)["meta"]
     print(json.dumps({k: meta[k] for k in ("command", "dev_metrics", "seconds", "sha")}, indent=2))
 
 
 def train_diffusion(a) -> None:
     from ..train.diffusion import train_diffusion as run
     res = run(a.data, Path(a.out), steps=a.steps, batch_size=a.batch_size, lr=a.lr, seed=a.seed, threads=a.threads,
-              ckpt_every=a.ckpt_every, export=Path(a.export) if a.export else None, command=command_line())
+              ckpt_every=a.ckpt_every, export=Path(a.export) if a.export else None, command=command_line(),
+              device=a.device, precision=a.precision)
     print(json.dumps(res, indent=2))
 
 
 def train_clip(a) -> None:
     from ..train.clip import train_clip as run
-    path = run(a.config, Path(a.out) if a.out else None)
+    path = run(a.config, Path(a.out) if a.out else None, device=a.device)
     print(f"wrote {path}  (use it as --model clip:{path})")

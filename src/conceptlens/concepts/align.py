@@ -31,6 +31,7 @@ from ..features import embed
 from ..io import digest
 from ..models import Encoder, load_model
 from ..models.mapped import AlignedModel, LinearMap, affine
+from ..runtime import resolve_device, to_device
 
 METHODS = ("ridge", "procrustes", "sgd")
 CHUNK = 8192
@@ -42,10 +43,19 @@ def check_finite(name: str, X) -> None:
             raise ConceptlensError(f"{name} contains NaN or inf values (rows {i}..{min(i + CHUNK, len(X)) - 1})")
 
 
-class Stats:
-    """Sufficient statistics of (X, Y) rows, accumulated chunk by chunk in float64."""
+def _products(x32: np.ndarray, y32: np.ndarray, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+    """XᵀX and XᵀY of a chunk in float32: numpy BLAS on the CPU, torch on an accelerator (one copy back per chunk)."""
+    if device.type == "cpu":
+        return x32.T @ x32, x32.T @ y32
+    xt, yt = to_device(torch.from_numpy(x32), device), to_device(torch.from_numpy(y32), device)
+    return (xt.T @ xt).cpu().numpy(), (xt.T @ yt).cpu().numpy()
 
-    def __init__(self, dx: int, dy: int):
+
+class Stats:
+    """Sufficient statistics of (X, Y) rows, accumulated chunk by chunk in float64 (products on `device`)."""
+
+    def __init__(self, dx: int, dy: int, device: torch.device | None = None):
+        self.device = device or torch.device("cpu")
         self.n = 0
         self.sx, self.sy = np.zeros(dx), np.zeros(dy)
         self.xx, self.xy, self.yy = np.zeros((dx, dx)), np.zeros((dx, dy)), np.zeros(dy)
@@ -56,8 +66,9 @@ class Stats:
         self.n += len(x)
         self.sx += x.sum(0, dtype=np.float64)
         self.sy += y.sum(0, dtype=np.float64)
-        self.xx += x32.T @ x32
-        self.xy += x32.T @ y32
+        xx, xy = _products(x32, y32, self.device)
+        self.xx += xx
+        self.xy += xy
         self.yy += (y32.astype(np.float64) ** 2).sum(0)
         return self
 
@@ -68,8 +79,8 @@ class Stats:
                 self.yy - self.n * my * my)
 
 
-def _stats(X, Y, rows: np.ndarray) -> Stats:
-    st = Stats(X.shape[1], Y.shape[1])
+def _stats(X, Y, rows: np.ndarray, device: torch.device | None = None) -> Stats:
+    st = Stats(X.shape[1], Y.shape[1], device)
     for i in range(0, len(rows), CHUNK):
         r = np.sort(rows[i:i + CHUNK])
         st.add(np.asarray(X[r], np.float32), np.asarray(Y[r], np.float32))
@@ -100,8 +111,9 @@ class Aligner(BaseEstimator):
     """
 
     def __init__(self, method: str = "ridge", holdout: float = 0.2, alphas: Iterable[float] | None = None,
-                 seed: int = 0, epochs: int = 5):
+                 seed: int = 0, epochs: int = 5, device: str = "cpu"):
         self.method, self.holdout, self.alphas, self.seed, self.epochs = method, holdout, alphas, seed, epochs
+        self.device = device
 
     # -- fitting
     def split(self, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -126,15 +138,15 @@ class Aligner(BaseEstimator):
         tr, ho = self.split(len(X))
         self.train_rows_, self.heldout_rows_ = tr, ho
         getattr(self, f"_fit_{self.method}")(X, Y, tr)
-        held = _stats(X, Y, ho)
+        held = _stats(X, Y, ho, resolve_device(self.device))
         self.metrics_ = {"r2": r2_from_sse(_sse(held, self.W_.T.astype(np.float64), self.b_.astype(np.float64)), held),
                          "cosine": self._mean_cosine(X, Y, ho), "n_train": int(len(tr)), "n_heldout": int(len(ho))}
         return self
 
     def _fit_ridge(self, X, Y, rows: np.ndarray) -> None:
         inner, val = self.split(len(rows))  # penalty chosen on a split of the training rows
-        st_in = _stats(X, Y, rows[inner])
-        st_val = _stats(X, Y, rows[val])
+        st_in = _stats(X, Y, rows[inner], resolve_device(self.device))
+        st_val = _stats(X, Y, rows[val], resolve_device(self.device))
         best = None
         scale = np.trace(st_in.centered()[2]) / X.shape[1] or 1.0
         alphas = [float(a) for a in np.logspace(-6, 2, 9)] if self.alphas is None else list(self.alphas)
@@ -157,7 +169,7 @@ class Aligner(BaseEstimator):
         return W, my - mx @ W
 
     def _fit_procrustes(self, X, Y, rows: np.ndarray) -> None:
-        st = _stats(X, Y, rows)
+        st = _stats(X, Y, rows, resolve_device(self.device))
         mx, my, xx, xy, _ = st.centered()
         ds, dt = X.shape[1], Y.shape[1]
         if ds > dt:  # PCA of the source down to the target's width
@@ -200,7 +212,7 @@ class Aligner(BaseEstimator):
 
     def score(self, X, Y) -> float:
         """Variance-weighted R² of the map on (X, Y)."""
-        st = _stats(X, Y, np.arange(len(X)))
+        st = _stats(X, Y, np.arange(len(X)), resolve_device(self.device))
         return r2_from_sse(_sse(st, self.W_.T.astype(np.float64), self.b_.astype(np.float64)), st)
 
     def _mean_cosine(self, X, Y, rows: np.ndarray) -> float:
@@ -249,7 +261,7 @@ def fit(source: Encoder | str, target: Encoder | str, data, method: str = "ridge
         labels = fs.labels[[pos_s[k] for k in common]]
     else:
         Xs, Xt, labels = fs.X, ft.X, fs.labels
-    al = Aligner(method, holdout=holdout, seed=seed).fit(Xs, Xt)
+    al = Aligner(method, holdout=holdout, seed=seed, device=str(embed_kw.get("device") or "cpu")).fit(Xs, Xt)
     if tgt.has_text and ds.classnames and (labels >= 0).all():
         ho = al.heldout_rows_
         clf = zeroshot.build_classifier(tgt, ds.classnames, zeroshot.openai_templates())

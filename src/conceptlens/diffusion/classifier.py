@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data import ImageDataset, to_arrays
-from ..engine import Engine
+from ..engine import Engine, current
 from ..errors import ConceptlensError, did_you_mean
 from ..eval.metrics import metrics, result_json
 from ..io import digest, progress
@@ -109,7 +109,7 @@ class DiffusionClassifier:
                 unit_size: int = 4) -> list[dict]:
         """Classify a batch of images [B,3,H,W] in [-1,1]: here, or on Ray in units of `unit_size` images
         (results do not depend on where: every image has its own seed)."""
-        engine = engine or Engine()
+        engine = engine or current()
         cond = self.prompt_embeddings(classnames, templates).cpu()
         seeds = list(seeds) if seeds is not None else list(range(len(images)))
         size = unit_size if engine.is_ray else 1

@@ -64,7 +64,7 @@ def build_classifier(model: Encoder, classnames: Sequence[str],
     rows = []
     for c in classnames:
         prompts = list(templates[c]) if isinstance(templates, dict) else [_format(t, c) for t in templates]
-        emb = F.normalize(model.encode_text(prompts).float(), dim=-1)
+        emb = F.normalize(model.encode_text(prompts).float().cpu(), dim=-1)
         rows.append(F.normalize(emb.mean(dim=0), dim=-1))
     return torch.stack(rows)
 

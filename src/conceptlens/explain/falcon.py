@@ -185,11 +185,11 @@ def gradcam_crops(model: Encoder, images: list[Image.Image], target: np.ndarray 
                 a = acts["a"]
                 a.retain_grad()
                 f = F.normalize(feats, dim=-1)[0]
-                obj = f @ torch.as_tensor(np.asarray(target, np.float32)) if direction else f[list(target)].sum()
+                obj = f @ torch.as_tensor(np.asarray(target, np.float32), device=f.device) if direction else f[list(target)].sum()
                 obj.backward()
             w = a.grad.mean(dim=(2, 3), keepdim=True)
             cam = F.relu((w * a).sum(1, keepdim=True))
-            cam = F.interpolate(cam, size=view.size[::-1], mode="bilinear", align_corners=False)[0, 0].detach().numpy()
+            cam = F.interpolate(cam, size=view.size[::-1], mode="bilinear", align_corners=False)[0, 0].detach().cpu().numpy()
             cam = (cam - cam.min()) / (cam.max() - cam.min() + 1e-12)
             lab, n = ndimage.label(cam >= threshold)
             if n == 0:
@@ -224,13 +224,13 @@ def explain(R: np.ndarray, dataset, keys: Sequence[str], model, vl_model, bank: 
     imgs = images_at(dataset, [keys[i] for i in high])
     target = direction if direction is not None else list(features)
     crops = gradcam_crops(model, imgs, target, direction is not None) if use_gradcam else imgs
-    crop_emb = F.normalize(vl_model.encode_image(crops).float(), dim=-1)
+    crop_emb = F.normalize(vl_model.encode_image(crops).float().cpu(), dim=-1)
     words, phrases, per_crop = concept_scores(bank, crop_emb, captions_per_crop)
     low = low_images(R, vals, high, None if direction is not None else np.asarray(features), low_sim, n_low)
     removed: list[str] = []
     if contrastive and len(low):
         low_imgs = images_at(dataset, [keys[i] for i in low])
-        lw, lp, _ = concept_scores(bank, F.normalize(vl_model.encode_image(low_imgs).float(), dim=-1),
+        lw, lp, _ = concept_scores(bank, F.normalize(vl_model.encode_image(low_imgs).float().cpu(), dim=-1),
                                    captions_per_crop)
         words, phrases, removed = contrast(words, phrases, lw, lp, drop)
     top_w = sorted(words.items(), key=lambda x: -x[1])[:n_words]

@@ -12,7 +12,10 @@ it into a vision-language space; see conceptlens.concepts.align). Nothing is eve
 """
 from __future__ import annotations
 
+import torch
+
 from ..errors import ConceptlensError, did_you_mean
+from ..runtime import resolve_device
 from . import adapters, denoisers, lite_clip, text, vision
 from ._registry import BUILTINS, SCHEMES, ModelInfo, register_model
 from .base import Denoiser, Encoder
@@ -92,8 +95,11 @@ def _known() -> list[str]:
     return [f"builtin:{k}" for k in BUILTINS] + [e.info.example for e in SCHEMES.values() if e.info.example]
 
 
-def load_model(name: str, layer: str | None = None, aligner: str | None = None) -> Encoder | Denoiser:
-    """Build a model from its URI (bare built-in names work too). Unknown names and tags fail with close matches."""
+def load_model(name: str, layer: str | None = None, aligner: str | None = None,
+               device: str | torch.device | None = None) -> Encoder | Denoiser:
+    """Build a model from its URI (bare built-in names work too), on `device` (default: the CPU; `auto` = CUDA
+    when available). Unknown names and tags fail with close matches."""
+    dev = resolve_device(device)  # a device that is not here fails before any weights load
     if ":" not in name:
         if name.partition("/")[0] not in BUILTINS:
             raise ConceptlensError(f"unknown model {name!r} (use SCHEME:NAME, schemes: builtin, {', '.join(SCHEMES)})"
@@ -122,7 +128,7 @@ def load_model(name: str, layer: str | None = None, aligner: str | None = None) 
             raise ConceptlensError(f"{name} has no image tower to align")
         lm = LinearMap.load(aligner)
         model = AlignedModel(model, lm, load_model(lm.meta["target"]))
-    return model
+    return model.to(dev)
 
 
 def list_models() -> list[ModelInfo]:

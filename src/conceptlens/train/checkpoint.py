@@ -21,7 +21,7 @@ def _flatten_optimizer(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tens
     for idx, st in sd["state"].items():
         for name, val in st.items():
             if torch.is_tensor(val):
-                tensors[f"optim.{idx}.{name}"] = val.detach().clone().contiguous()
+                tensors[f"optim.{idx}.{name}"] = val.detach().cpu().clone().contiguous()
             else:
                 scalars[f"{idx}.{name}"] = val
     return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
@@ -41,7 +41,7 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
 def save_checkpoint(path: Path, modules: dict[str, torch.nn.Module], optimizer: torch.optim.Optimizer | None,
                     meta: dict) -> None:
     """Write modules' weights (prefixed by their name), optimizer moments and `meta` atomically."""
-    tensors = {f"{name}.{k}": v.detach().contiguous().clone() for name, m in modules.items()
+    tensors = {f"{name}.{k}": v.detach().cpu().contiguous().clone() for name, m in modules.items()
                for k, v in m.state_dict().items()}
     full_meta = dict(meta)
     if optimizer is not None:

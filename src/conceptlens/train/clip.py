@@ -50,7 +50,7 @@ def load_config(path: str | Path) -> dict:
 
 
 def fit_heads(image_feats: list[torch.Tensor], text_feats: torch.Tensor, owner: np.ndarray, cfg: dict,
-              checkpoint: Path | None = None, stop_after: int | None = None) -> dict:
+              checkpoint: Path | None = None, stop_after: int | None = None, device: str = "cpu") -> dict:
     """Train image/text heads on cached features; returns heads, temperature and the trainer history."""
     cfg = DEFAULTS | cfg
     torch.manual_seed(cfg["seed"])
@@ -61,18 +61,19 @@ def fit_heads(image_feats: list[torch.Tensor], text_feats: torch.Tensor, owner: 
                      init_logit_scale=float(np.log(1 / cfg["init_temperature"])),
                      learn_temperature=cfg["learn_temperature"], loss=cfg["loss"], reg=cfg["reg"],
                      reg_weight=cfg["reg_weight"], accum_steps=cfg["accum_steps"], seed=cfg["seed"],
-                     checkpoint=checkpoint, ckpt_every=cfg["ckpt_every"], stop_after=stop_after)
+                     checkpoint=checkpoint, ckpt_every=cfg["ckpt_every"], stop_after=stop_after, device=device)
     tr.fit(ih, th, image_feats, text_feats, owner)
     return {"image_head": ih.eval(), "text_head": th.eval(), "temperature": tr.temperature_, "history": tr.history_}
 
 
-def train_clip(config: dict | str | Path, out: Path | None = None) -> Path:
-    """Train from a config (dict or TOML/YAML file); writes OUT/model.safetensors, metrics.csv, history.json."""
+def train_clip(config: dict | str | Path, out: Path | None = None, device: str = "cpu") -> Path:
+    """Train from a config (dict or TOML/YAML file) on `device` (towers embed there, heads train there);
+    writes OUT/model.safetensors, metrics.csv, history.json."""
     cfg = load_config(config) if not isinstance(config, dict) else DEFAULTS | config
     out = Path(out or cfg.get("out") or "runs/clip")
     out.mkdir(parents=True, exist_ok=True)
     ds, captions, owner = read_pairs(cfg["data"])
-    itower, ttower = load_model(cfg["image_tower"]), load_model(cfg["text_tower"])
+    itower, ttower = load_model(cfg["image_tower"], device=device), load_model(cfg["text_tower"], device=device)
     if not itower.has_image or not ttower.has_text:
         raise ConceptlensError(f"{cfg['image_tower']} must have an image tower and {cfg['text_tower']} a text tower")
     f = embed(itower, ds)
@@ -80,7 +81,7 @@ def train_clip(config: dict | str | Path, out: Path | None = None) -> Path:
         raise ConceptlensError(f"{len(ds) - len(f.keys)} images could not be read: {f.skipped[:1]}")
     X = torch.from_numpy(np.array(f.X))
     T = embed_texts(ttower, captions)
-    res = fit_heads([X], T, owner, cfg, checkpoint=out / "checkpoint.safetensors")
+    res = fit_heads([X], T, owner, cfg, checkpoint=out / "checkpoint.safetensors", device=device)
     with torch.no_grad():
         g, h = res["image_head"](X[owner]), res["text_head"](T)
     meta = {"kind": "clip", "config": {k: v for k, v in cfg.items() if k != "out"}, "image_tower": itower.name,

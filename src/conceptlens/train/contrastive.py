@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from ..errors import ConceptlensError
 from ..eval.probe import cosine_lr
 from ..io import progress
+from ..runtime import resolve_device, to_device
 from .checkpoint import load_checkpoint, save_checkpoint
 
 REGULARIZERS = ("none", "one-sided", "two-sided", "negatives")
@@ -34,14 +35,14 @@ LOSSES = ("infonce", "square")
 def clip_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor | float) -> torch.Tensor:
     """Symmetric InfoNCE over a batch of matched, L2-normalised (image, text) pairs."""
     logits = logit_scale * image @ text.T
-    labels = torch.arange(len(image))
+    labels = torch.arange(len(image), device=image.device)
     return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
 
 
 def square_loss(image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
     """Spectral contrastive (square) loss on normalised embeddings."""
     sim = image @ text.T
-    off = ~torch.eye(len(image), dtype=torch.bool)
+    off = ~torch.eye(len(image), dtype=torch.bool, device=image.device)
     return -2 * sim.diagonal().mean() + sim[off].pow(2).mean()
 
 
@@ -51,7 +52,7 @@ def regularizer(image: torch.Tensor, text: torch.Tensor, kind: str) -> torch.Ten
         return image.new_zeros(())
     sim = image @ text.T
     pos = (1 - sim.diagonal()).mean()
-    neg = sim[~torch.eye(len(image), dtype=torch.bool)].mean()
+    neg = sim[~torch.eye(len(image), dtype=torch.bool, device=image.device)].mean()
     return {"one-sided": pos, "two-sided": pos + neg, "negatives": neg}[kind]
 
 
@@ -60,7 +61,7 @@ def margin(image: torch.Tensor, text: torch.Tensor) -> float:
     with torch.no_grad():
         sim = F.normalize(image, dim=-1) @ F.normalize(text, dim=-1).T
         pos = sim.diagonal()
-        neg = sim.masked_fill(torch.eye(len(sim), dtype=torch.bool), -2.0)
+        neg = sim.masked_fill(torch.eye(len(sim), dtype=torch.bool, device=sim.device), -2.0)
         return float(((pos - neg.max(1).values).mean() + (pos - neg.max(0).values).mean()) / 2)
 
 
@@ -104,6 +105,7 @@ class HeadTrainer:
     checkpoint: Path | None = None
     ckpt_every: int = 0
     stop_after: int | None = None  # stop (checkpointed) after this many steps: for resume tests and time limits
+    device: str = "cpu"  # where the steps run; the heads come back on the CPU
     history_: list[dict] = field(default_factory=list)
 
     def fit(self, image_head: torch.nn.Module, text_head: torch.nn.Module, image_views: list[torch.Tensor],
@@ -114,8 +116,11 @@ class HeadTrainer:
             raise ConceptlensError(f"loss must be one of {LOSSES} and reg one of {REGULARIZERS}")
         if self.batch_size < 2:
             raise ConceptlensError("contrastive training needs batches of at least 2 pairs")
+        dev = resolve_device(self.device)
         torch.manual_seed(self.seed)
-        temp = Temperature(self.init_logit_scale, self.max_logit_scale)
+        image_head.to(dev)
+        text_head.to(dev)
+        temp = Temperature(self.init_logit_scale, self.max_logit_scale).to(dev)
         temp.log_scale.requires_grad_(self.learn_temperature)
         params = [p for m in (image_head, text_head) for p in m.parameters() if p.requires_grad]
         groups = [{"params": params}] + ([{"params": [temp.log_scale], "weight_decay": 0.0}] if self.learn_temperature else [])
@@ -135,18 +140,18 @@ class HeadTrainer:
         if self.checkpoint is not None and Path(self.checkpoint).exists():
             meta = load_checkpoint(Path(self.checkpoint), modules, opt)
             start, self.history_ = meta["step"], meta.get("history", [])
-        views = torch.stack(image_views)
+        views, text_feats = to_device(torch.stack(image_views), dev), to_device(text_feats, dev)
         bar = progress(total=total, initial=start, desc="contrastive training", unit="step", leave=False)
         end = total if self.stop_after is None else min(total, self.stop_after)
         for step in range(start, end):
             epoch, pos = divmod(step, per_epoch)
             b = np.random.default_rng([self.seed, epoch]).permutation(has)[pos * bs:(pos + 1) * bs]
             r = np.random.default_rng([self.seed, epoch, pos, 1])
-            t = torch.from_numpy(np.asarray([caps[i][r.integers(len(caps[i]))] for i in b]))
-            v = torch.from_numpy(r.integers(len(image_views), size=len(b)))
+            t = to_device(torch.from_numpy(np.asarray([caps[i][r.integers(len(caps[i]))] for i in b])), dev)
+            v = to_device(torch.from_numpy(r.integers(len(image_views), size=len(b))), dev)
             for g in opt.param_groups:
                 g["lr"] = cosine_lr(step, total, self.lr, self.warmup)
-            x_img, x_txt = views[v, torch.from_numpy(b)], text_feats[t]
+            x_img, x_txt = views[v, to_device(torch.from_numpy(b), dev)], text_feats[t]
             opt.zero_grad(set_to_none=True)
             loss = self._step(image_head, text_head, temp, x_img, x_txt)
             if extra_loss is not None:
@@ -161,7 +166,9 @@ class HeadTrainer:
             if self.checkpoint is not None and (self.ckpt_every and (step + 1) % self.ckpt_every == 0 or step + 1 == end):
                 save_checkpoint(Path(self.checkpoint), modules, opt, {"step": step + 1, "history": self.history_})
         bar.close()
-        self.temperature_ = temp
+        image_head.cpu()
+        text_head.cpu()
+        self.temperature_ = temp.cpu()
         return self
 
     def _objective(self, img: torch.Tensor, txt: torch.Tensor, temp: Temperature) -> torch.Tensor:
@@ -178,7 +185,7 @@ class HeadTrainer:
             img_all = F.normalize(image_head(x_img), dim=-1)
             txt_all = F.normalize(text_head(x_txt), dim=-1)
         loss_val = 0.0
-        for idx in torch.arange(len(x_img)).chunk(self.accum_steps):
+        for idx in torch.arange(len(x_img), device=x_img.device).chunk(self.accum_steps):
             img, txt = img_all.clone(), txt_all.clone()
             img[idx] = F.normalize(image_head(x_img[idx]), dim=-1)
             txt[idx] = F.normalize(text_head(x_txt[idx]), dim=-1)

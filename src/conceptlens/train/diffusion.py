@@ -22,6 +22,7 @@ from ..data import load_dataset, to_arrays
 from ..errors import ConceptlensError
 from ..io import atomic_save_npy, cache_dir, digest, file_sha256, progress, read_safetensors_meta
 from ..models.denoisers import SYNONYMS, TRAIN_TEMPLATES, TinyDiffusion, add_noise, default_path, export_weights
+from ..runtime import autocast, resolve_device, resolve_precision, to_device
 from .checkpoint import load_checkpoint, save_checkpoint
 
 
@@ -56,33 +57,40 @@ def lr_at(step: int, base: float, warmup: int) -> float:
 
 def train_diffusion(data: str, out: Path, steps: int = 6000, batch_size: int = 64, lr: float = 2e-4,
                     seed: int = 0, threads: int | None = None, ckpt_every: int = 100, cond_dropout: float = 0.1,
-                    ema_decay: float = 0.9995, export: Path | None = None, command: str = "") -> dict:
-    """Train (or resume) to `steps`; checkpoint every `ckpt_every` steps and on Ctrl-C/SIGTERM; export EMA weights."""
+                    ema_decay: float = 0.9995, export: Path | None = None, command: str = "",
+                    device: str | torch.device = "cpu", precision: str = "auto") -> dict:
+    """Train (or resume) to `steps` on `device`; checkpoint every `ckpt_every` steps and on Ctrl-C/SIGTERM;
+    export EMA weights. All randomness is drawn on the CPU from (seed, step), so devices see the same batches."""
     if steps < 1 or batch_size < 1 or ckpt_every < 1:
         raise ConceptlensError("steps, batch size and checkpoint interval must be positive")
+    dev = resolve_device(device)
+    precision = resolve_precision(precision, dev)
     prev_threads = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
     try:
-        return _train(data, Path(out), steps, batch_size, lr, seed, ckpt_every, cond_dropout, ema_decay, export, command)
+        return _train(data, Path(out), steps, batch_size, lr, seed, ckpt_every, cond_dropout, ema_decay, export, command,
+                      dev, precision)
     finally:
         torch.set_num_threads(prev_threads)  # a notebook's thread setting survives the call
 
 
 def _train(data: str, out: Path, steps: int, batch_size: int, lr: float, seed: int, ckpt_every: int,
-           cond_dropout: float, ema_decay: float, export: Path | None, command: str) -> dict:
+           cond_dropout: float, ema_decay: float, export: Path | None, command: str, dev: torch.device,
+           precision: str) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     images, labels, classnames, prov = image_array(data)
     texts, owner = caption_bank(classnames)
-    text_emb = TinyDiffusion.encode_prompts(texts)
+    text_emb = TinyDiffusion.encode_prompts(texts).cpu()
     by_class = [np.flatnonzero(owner == c) for c in range(len(classnames))]
-    model = TinyDiffusion.from_config(seed)
+    model = TinyDiffusion.from_config(seed).to(dev)
     unet = model.unet.train()
     ema = copy.deepcopy(unet).eval().requires_grad_(False)
     opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
     ckpt = out / "checkpoint.safetensors"
     config = {"data": data, "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed,
-              "cond_dropout": cond_dropout, "ema_decay": ema_decay, "data_provenance": prov}
+              "cond_dropout": cond_dropout, "ema_decay": ema_decay, "data_provenance": prov,
+              "device": dev.type, "precision": precision}
     start = 0
     if ckpt.exists():
         meta = load_checkpoint(ckpt, {"unet": unet, "ema": ema}, opt)
@@ -90,7 +98,7 @@ def _train(data: str, out: Path, steps: int, batch_size: int, lr: float, seed: i
             raise ConceptlensError(f"{ckpt} was trained with other settings ({meta['config']}); use another --out")
         start = meta["step"]
     sched = model.scheduler
-    alphas = sched.alphas_cumprod.float()
+    alphas = sched.alphas_cumprod.float().to(dev)
     n, per_epoch = len(images), len(images) // batch_size
     log = out / "log.csv"
     new_log = not log.exists()
@@ -121,14 +129,14 @@ def _train(data: str, out: Path, steps: int, batch_size: int, lr: float, seed: i
                 pick = torch.rand(len(idx), generator=g)
                 cap = [by_class[labels[i]][int(p * len(by_class[labels[i]]))] for i, p in zip(idx, pick.tolist())]
                 cond = text_emb[cap]
-                cond = torch.where((torch.rand(len(idx), generator=g) < cond_dropout)[:, None], 0.0, cond)
-                z0 = model.to_model_space(x)
-                noise = torch.randn(z0.shape, generator=g)
-                t = torch.randint(0, sched.config.num_train_timesteps, (len(idx),), generator=g)
+                cond = to_device(torch.where((torch.rand(len(idx), generator=g) < cond_dropout)[:, None], 0.0, cond), dev)
+                z0 = model.to_model_space(to_device(x, dev))
+                noise = to_device(torch.randn(z0.shape, generator=g), dev)
+                t = to_device(torch.randint(0, sched.config.num_train_timesteps, (len(idx),), generator=g), dev)
                 zt = add_noise(z0, noise, t, alphas)
                 for group in opt.param_groups:
                     group["lr"] = lr_at(step, lr, 500)
-                with torch.autocast("cpu", dtype=torch.bfloat16):
+                with autocast(dev, precision):
                     pred = unet(zt, t, cond[:, None, :], class_labels=cond).sample
                 loss = F.mse_loss(pred.float(), noise)
                 if not math.isfinite(loss.item()):

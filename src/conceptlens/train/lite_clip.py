@@ -24,6 +24,7 @@ from ..io import file_sha256, shared_dir
 from ..models.lite_clip import TextHead, conse_parts, save_asset
 from ..models.text import minilm
 from ..models.vision import efficientnet_lite0
+from ..runtime import resolve_device
 from .contrastive import HeadTrainer
 
 HYPER = {"epochs": 40, "batch_size": 256, "lr": 2e-3, "weight_decay": 0.05, "anchor_weight": 1.0,
@@ -45,14 +46,14 @@ class LowRes:
         return f"LowRes({self.size})"
 
 
-def flickr8k_views(root: Path, low_res: int, show_progress: bool = True):
+def flickr8k_views(root: Path, low_res: int, show_progress: bool = True, device: str = "cpu"):
     """Cached Lite0 features of every Flickr8k image at full and at low resolution, with pairs and split."""
     tower = efficientnet_lite0()
     ds = load_dataset(root / "images")
-    hi = embed(tower, ds, show_progress=show_progress)
+    hi = embed(tower, ds, show_progress=show_progress, device=device)
     low_tower = efficientnet_lite0()  # its own instance: the feature hook is bound to the tower object
     low_tower.preprocess = T.Compose([LowRes(low_res)] + list(tower.preprocess.transforms))
-    lo = embed(low_tower, ds, show_progress=show_progress)
+    lo = embed(low_tower, ds, show_progress=show_progress, device=device)
     pairs, split = read_flickr8k(root)
     row = {k: i for i, k in enumerate(ds.keys)}
     missing = sorted({img for img, _ in pairs} - set(row))
@@ -88,24 +89,26 @@ class Packed(torch.nn.Module):
 
 
 def train_head(tensors: dict, meta: dict, image_views: list[torch.Tensor], text_e: torch.Tensor,
-               owner: np.ndarray, hp: dict, seed: int) -> TextHead:
-    """Contrastive (Flickr8k) + anchor (ImageNet class names -> classifier rows) training of the text head."""
+               owner: np.ndarray, hp: dict, seed: int, device: str = "cpu") -> TextHead:
+    """Contrastive (Flickr8k) + anchor (ImageNet class names -> classifier rows) training of the text head
+    on `device` (the head comes back on the CPU)."""
+    dev = resolve_device(device)
     torch.manual_seed(seed)  # the head's initialisation
     head = TextHead(tensors["keys"].float(), tensors["node_of"].long(), tensors["nodes"].float(),
                     meta["hyper"]["topk"], meta["hyper"]["temperature"])
     packed = Packed(head)
     cls_anchor = (head.node_of < 1000).nonzero().squeeze(1)
-    anchor_p, anchor_cls = Packed.pack(head, head.keys[cls_anchor]), head.node_of[cls_anchor]
-    rows = head.nodes[:1000]
+    anchor_p, anchor_cls = Packed.pack(head, head.keys[cls_anchor]).to(dev), head.node_of[cls_anchor].to(dev)
+    rows = head.nodes[:1000].to(dev)
     g = torch.Generator().manual_seed(seed)
 
     def anchor_loss(step: int) -> torch.Tensor:
-        pick = torch.randint(len(anchor_p), (hp["batch_size"],), generator=g)
+        pick = torch.randint(len(anchor_p), (hp["batch_size"],), generator=g).to(dev)
         logits = packed(anchor_p[pick]) @ rows.T / hp["anchor_temperature"]
         return hp["anchor_weight"] * F.cross_entropy(logits, anchor_cls[pick])
 
     trainer = HeadTrainer(epochs=hp["epochs"], batch_size=hp["batch_size"], lr=hp["lr"],
-                          weight_decay=hp["weight_decay"], seed=seed)
+                          weight_decay=hp["weight_decay"], seed=seed, device=str(dev))
     trainer.fit(torch.nn.Identity(), packed, image_views, Packed.pack(head, text_e), owner, anchor_loss)
     return head.eval()
 
@@ -117,19 +120,21 @@ def anchor_accuracy(head: TextHead, anchor_e: torch.Tensor, anchor_cls: torch.Te
 
 
 def build(out: Path | None = None, seed: int = 0, hyper: dict | None = None, root: Path | None = None,
-          write: bool = True, show_progress: bool = True, conse: tuple[dict, dict] | None = None) -> dict:
+          write: bool = True, show_progress: bool = True, conse: tuple[dict, dict] | None = None,
+          device: str = "cpu") -> dict:
     """Fit the shipped lite-clip from registry packages + ../shared/data/flickr8k; deterministic for a seed.
     `conse` reuses `conse_parts()` output across several builds (it does not depend on the seed)."""
     t0 = time.time()
     hp = dict(HYPER, **(hyper or {}))
     root = Path(root or shared_dir() / "data" / "flickr8k")
     tensors, meta = conse_parts() if conse is None else (dict(conse[0]), json.loads(json.dumps(conse[1])))
-    ds, hi, lo, pairs, split, row = flickr8k_views(root, hp["low_res"], show_progress)
+    ds, hi, lo, pairs, split, row = flickr8k_views(root, hp["low_res"], show_progress, device)
     tr_img, tr_caps, tr_owner = split_pairs(pairs, split, row, "train")
     dv_img, dv_caps, dv_owner = split_pairs(pairs, split, row, "dev")
     enc = minilm()
-    tr_e, dv_e = embed_texts(enc, tr_caps), embed_texts(enc, dv_caps)
-    head = train_head(tensors, meta, [hi[tr_img], lo[tr_img]], tr_e, tr_owner, hp, seed)
+    tr_e, dv_e = embed_texts(enc, tr_caps, device=device), embed_texts(enc, dv_caps, device=device)
+    enc.to("cpu")  # the shared MiniLM instance goes back where other callers expect it
+    head = train_head(tensors, meta, [hi[tr_img], lo[tr_img]], tr_e, tr_owner, hp, seed, device)
     cls_anchor = (head.node_of < 1000).nonzero().squeeze(1)
     anchor_e, anchor_cls, rows = head.keys[cls_anchor], head.node_of[cls_anchor], head.nodes[:1000]
     with torch.no_grad():
