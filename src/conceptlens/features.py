@@ -218,11 +218,10 @@ def image_units(dataset: ImageDataset, state: np.ndarray, batch_size: int, preci
 
 
 def prepare_for_inference(model: Encoder) -> None:
-    """Channels-last weights: oneDNN's fast path for convolutions (about 1.8x for EfficientNet-Lite0)."""
+    """Channels-last weights: oneDNN's fast path for convolutions (about 1.8x for EfficientNet-Lite0).
+    Done on every call (a no-op when already so): a model unpickled on a Ray worker arrives contiguous."""
     for mod in model.modules():
-        if isinstance(mod, torch.nn.Module) and not getattr(mod, "_cl_ready", False):
-            mod.to(memory_format=torch.channels_last)
-            mod._cl_ready = True
+        mod.to(memory_format=torch.channels_last)
 
 
 def embed(model: Encoder, dataset: ImageDataset, batch_size: int | None = None, precision: str = "auto",
