@@ -154,3 +154,28 @@ def test_cuda_features_match_cpu(tmp_path):
                 show_progress=False)
     cos = torch.nn.functional.cosine_similarity(torch.from_numpy(cpu.X), torch.from_numpy(np.asarray(gpu.X)))
     assert cos.min() > 0.999
+
+
+def test_export_is_read_by_embedding_reader_and_by_data(tmp_path, capsys, image_folder):
+    out = tmp_path / "emb"
+    assert main(["embed", "--model", "builtin:efficientnet-lite0", "--data", str(image_folder), "--precision", "fp32"]) == 0
+    assert main(["export", "--model", "builtin:efficientnet-lite0", "--data", str(image_folder), "--precision", "fp32",
+                 "--out", str(out), "--rows-per-file", "5"]) == 0
+    assert sorted(p.name for p in (out / "img_emb").iterdir()) == ["img_emb_0.npy", "img_emb_1.npy", "img_emb_2.npy"]
+    m = load_model("builtin:efficientnet-lite0")
+    ref = embed(m, load_dataset(image_folder), precision="fp32", show_progress=False)
+    from embedding_reader import EmbeddingReader
+    reader = EmbeddingReader(str(out / "img_emb"), file_format="parquet_npy", metadata_folder=str(out / "metadata"),
+                             meta_columns=["key", "path", "label"])
+    rows = [(emb, meta) for emb, meta in reader(batch_size=100, show_progress=False)]
+    emb = np.concatenate([e for e, _ in rows])
+    meta = [m_ for _, m in rows for m_ in m.to_dict("records")]
+    assert np.array_equal(emb, np.asarray(ref.X)) and [r["key"] for r in meta] == ref.keys
+    assert {r["label"] for r in meta} == {"red", "blue"} and all(Path(r["path"]).exists() for r in meta)
+    back = load_dataset(out)
+    f = embed(m, back, precision="fp32", show_progress=False)
+    assert f.cache_hit and f.path == out and np.array_equal(f.X, np.asarray(ref.X))
+    other = embed(load_model("builtin:mobilenetv2"), back, show_progress=False)  # another model: from the images
+    assert other.path != out and len(other.keys) == len(ref.keys)
+    assert main(["export", "--model", "builtin:efficientnet-lite0", "--data", str(image_folder), "--out", str(out)]) == 2
+    assert "already holds an export" in capsys.readouterr().err

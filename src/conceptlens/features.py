@@ -25,6 +25,7 @@ import torch
 from torchvision import transforms as T
 
 from .data import ImageDataset, Shard, iter_shard
+from .data.exported import SIDE, read_embeddings, read_metadata, write_exported
 from .engine import Engine, current
 from .errors import ConceptlensError
 from .io import atomic_save_npy, atomic_write_json, cache_dir, digest, progress
@@ -244,6 +245,8 @@ def embed(model: Encoder, dataset: ImageDataset, batch_size: int | None = None, 
         model.to(dev)
     precision = resolve_precision(precision, dev)
     batch_size = batch_size or default_batch_size(dev, 64)
+    if dataset.precomputed and (stored := _stored(model, dataset, precision)) is not None:
+        return stored
     key = cache_key(model, dataset, precision, dev)
     root = cache_dir("features") / key if use_cache else Path(os.environ.get("TMPDIR", "/tmp")) / f"conceptlens-{key}"
     meta_path = root / "meta.json"
@@ -321,6 +324,42 @@ def open_store(root: Path, n: int, dim: int) -> tuple[np.ndarray, np.ndarray]:
     feats = np.lib.format.open_memmap(feats_path, mode="w+", dtype=np.float32, shape=(n, dim))
     state = np.lib.format.open_memmap(state_path, mode="w+", dtype=np.uint8, shape=(n,))
     return feats, state
+
+
+def model_identity(model: Encoder, precision: str) -> dict:
+    """What image features depend on: an export is reused only for the same identity."""
+    return {"image_model": model.image_model, "fingerprint": model.image_fingerprint, "layer": model.layer,
+            "preprocess": model.preprocess_id(), "precision": precision}
+
+
+def export(feats: Features, dataset: ImageDataset, model: Encoder, out: Path | str, precision: str = "auto",
+           rows_per_file: int = 100_000) -> list[Path]:
+    """Write `feats` (of `dataset` by `model`) in clip-retrieval's layout (see conceptlens.data.exported)."""
+    where = {}
+    offset = 0
+    for sh in dataset.shards:
+        for j, item in enumerate(sh.items):
+            where[dataset.keys[offset + j]] = item if sh.kind == "files" else f"{sh.source}:{item}" if sh.kind == "array" \
+                else f"{sh.source}:{dataset.keys[offset + j]}"
+        offset += len(sh.items)
+    side = {"model": model.name, "identity": model_identity(model, resolve_precision(precision, model.device)),
+            "skipped": feats.skipped,
+            "dataset": {"name": dataset.name, "root": dataset.root, "identity": dataset.identity,
+                        "classnames": dataset.classnames, "keys": dataset.keys, "labels": dataset.labels.tolist(),
+                        "shards": [{"kind": s.kind, "source": s.source, "items": list(s.items)} for s in dataset.shards]}}
+    return write_exported(Path(out), np.asarray(feats.X), list(feats.keys), [str(where[k]) for k in feats.keys],
+                          np.asarray(feats.labels), dataset.classnames, side, rows_per_file)
+
+
+def _stored(model: Encoder, dataset: ImageDataset, precision: str) -> Features | None:
+    """The rows of a clip-retrieval export of `dataset`, when it was made by this model (else None: embed)."""
+    side = json.loads((Path(dataset.precomputed) / SIDE).read_text())
+    if side.get("identity") != model_identity(model, precision):
+        return None
+    keys = [str(k) for k in read_metadata(Path(dataset.precomputed))["key"]]
+    row = {k: i for i, k in enumerate(dataset.keys)}
+    return Features(read_embeddings(Path(dataset.precomputed)), dataset.labels[[row[k] for k in keys]], keys,
+                    dataset.classnames, side.get("skipped", []), model.name, dataset.name, Path(dataset.precomputed), True)
 
 
 def as_features(model: Encoder, data: ImageDataset | Features, **embed_kw) -> Features:

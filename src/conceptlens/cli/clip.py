@@ -1,7 +1,7 @@
 """`models`, `embed`, `zeroshot`, `linear-probe`: CLIP zero-shot and linear probes (CLIP_benchmark's JSON)."""
 from __future__ import annotations
 
-from ._options import command, dataset_of, embed_kwargs, model_of, table, write_json
+from ._options import command, dataset_of, embed_kwargs, model_of, positive, table, write_json
 
 
 def register(sub) -> None:
@@ -9,6 +9,9 @@ def register(sub) -> None:
     p.add_argument("--check", action="store_true", help="try loading each built-in model")
     p = command(sub, "embed", "extract and cache features", embed)
     p.add_argument("--output", help="also write the features to this .npy file")
+    p = command(sub, "export", "write features in clip-retrieval's layout (img_emb/*.npy + metadata/*.parquet)", export)
+    p.add_argument("--out", required=True, help="a new folder; embedding-reader reads it, autofaiss indexes it, --data takes it")
+    p.add_argument("--rows-per-file", type=positive, default=100_000)
     p = command(sub, "zeroshot", "zero-shot classification (CLIP_benchmark JSON)", zeroshot)
     p.add_argument("--templates", default="openai", help="openai (80), simple, or a file")
     p.add_argument("--output", help="results JSON path")
@@ -38,6 +41,14 @@ def embed(a) -> None:
         from ..io import atomic_save_npy
         atomic_save_npy(a.output, np.asarray(f.X))
         print(f"wrote {a.output}")
+
+
+def export(a) -> None:
+    from ..features import embed as run
+    from ..features import export as write
+    model, ds = model_of(a), dataset_of(a, a.data)
+    files = write(run(model, ds, **embed_kwargs(a)), ds, model, a.out, a.precision, a.rows_per_file)
+    print(f"wrote {len(files)} part(s) to {a.out}/img_emb and {a.out}/metadata")
 
 
 def zeroshot(a) -> None:

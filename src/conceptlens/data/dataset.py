@@ -42,6 +42,7 @@ class ImageDataset:
     classnames: list[str] | None
     identity: str  # changes when any file changes: part of the feature-cache key
     root: str = ""
+    precomputed: str | None = None  # a clip-retrieval export of exactly these images (see data.exported)
 
     def __len__(self) -> int:
         return len(self.keys)

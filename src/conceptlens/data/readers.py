@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import glob
+import json
 import os
 from pathlib import Path
 from typing import Sequence
@@ -12,6 +13,7 @@ import numpy as np
 from ..errors import ConceptlensError
 from ..io import digest, pick_column, read_rows
 from .dataset import IMAGE_EXTS, ImageDataset, Shard, tar_members
+from .exported import SIDE, is_exported, read_metadata
 from .named import FASHION_DIR, NAMED_SETS, named_arrays
 
 FILES_PER_SHARD = 1024
@@ -27,6 +29,8 @@ def load_dataset(spec: str | Path, classes: str | Path | None = None, limit: int
         ds = tars(spec)
     elif not os.path.exists(spec):
         raise ConceptlensError(f"data not found: {spec} (a folder, tar shards, CSV/JSONL or one of {', '.join(NAMED_SETS)})")
+    elif is_exported(Path(spec)):
+        ds = _exported(Path(spec))
     elif os.path.isdir(spec):
         ds = _folder(Path(spec))
     elif spec.endswith((".csv", ".jsonl", ".tsv")):
@@ -40,6 +44,26 @@ def load_dataset(spec: str | Path, classes: str | Path | None = None, limit: int
     if len(ds) == 0:
         raise ConceptlensError(f"no images found in {spec}")
     return ds.subset(limit)
+
+
+def _exported(root: Path) -> ImageDataset:
+    """A clip-retrieval folder: the exact dataset an export was made from (its sidecar; `embed` then uses the
+    stored rows for the same model), or, for a folder written elsewhere, the images of its `path` column."""
+    if (root / SIDE).exists():
+        d = json.loads((root / SIDE).read_text())["dataset"]
+        return ImageDataset(d["name"], [Shard(s["kind"], s["source"], tuple(s["items"])) for s in d["shards"]],
+                            d["keys"], np.asarray(d["labels"], np.int64), d["classnames"], d["identity"], d["root"],
+                            precomputed=str(root))
+    meta = read_metadata(root)
+    col = next((c for c in ("path", "image_path", "filepath") if c in meta), None)
+    if col is None:
+        raise ConceptlensError(f"{root}: metadata has no path/image_path column to find the images by")
+    paths = resolve_paths(root / SIDE, [str(p) for p in meta[col]])  # relative paths: from the folder
+    names = meta.get("label")
+    classnames = sorted({n for n in names if n}) if names else None
+    labels = [classnames.index(n) if n else -1 for n in names] if names else [-1] * len(paths)
+    return ImageDataset(root.name, file_shards(paths), [str(k) for k in meta.get("key", paths)],
+                        np.asarray(labels, np.int64), classnames or None, file_identity(paths), str(root))
 
 
 def read_class_file(path: Path) -> tuple[list[str], list[str] | None]:
