@@ -278,7 +278,8 @@ def embed(model: Encoder, dataset: ImageDataset, batch_size: int | None = None, 
     try:
         if engine.is_ray:
             units = image_units(dataset, state, batch_size, precision)
-            for _, (rows, X, errs) in engine.map(embed_unit, model, f"{key}:{dev}", units, dev):
+            payload_key = digest([model_identity(model, precision), str(dev)])  # warm workers keep it across jobs
+            for _, (rows, X, errs) in engine.map(embed_unit, model, payload_key, units, dev):
                 write(rows, X, errs)
         else:
             _embed_local(model, dataset, state, batch_size, precision, write)
