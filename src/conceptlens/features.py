@@ -406,16 +406,18 @@ def embed_texts(model: Encoder, texts: Sequence[str], batch_size: int = 512, use
     dev = engine.resolve_device(device) if device is not None else model.device
     if not engine.is_ray:
         model.to(dev)
+    span = batch_size * batches_per_chunk
+    starts = list(range(0, len(texts), span))
+    far = engine.is_ray and len(starts) > 1  # a handful of prompts runs here: a Ray round trip would cost more
+    if not far:
+        dev = model.device
     key = digest([model.name, model.fingerprint, texts, *cache_tag(dev)])
     path = cache_dir("text") / f"{key}.npy"
     if use_cache and path.exists():
         return torch.from_numpy(np.load(path))
     if not texts:
         return torch.zeros(0, model.embed_dim)
-    span = batch_size * batches_per_chunk
-    starts = list(range(0, len(texts), span))
-    if len(starts) == 1:  # a handful of prompts: here, whatever the engine (a Ray round trip would cost more)
-        model.to(dev)
+    if len(starts) == 1:
         out = embed_text_chunk(model, (texts, batch_size))
     else:
         root = path.with_suffix(".partial") if use_cache else Path(os.environ.get("TMPDIR", "/tmp")) / f"conceptlens-text-{key}"

@@ -28,7 +28,7 @@ def classify(a) -> None:
     clf = DiffusionClassifier.from_preset(load_on_device(a, a.model), a.strategy, a.preset, a.loss, target=a.target,
                                           n_samples=a.n_samples, budget=a.budget, precision=a.precision, seed=a.seed)
     tmpl = [t.replace("{c}", "{}") for t in load_templates(a.templates)] if a.templates else None
-    res = evaluate(clf, dataset_of(a, a.data), tmpl)
+    res = evaluate(clf, dataset_of(a, a.data), tmpl, device=a.device)
     res.pop("_scores")
     m = res["metrics"]
     table([["dataset", "model", "strategy", "images", "acc1", "evals/image", "s/image"],

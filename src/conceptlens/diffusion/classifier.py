@@ -106,21 +106,25 @@ class DiffusionClassifier:
 
     def predict(self, images: torch.Tensor, classnames: Sequence[str], templates: Sequence[str],
                 show_progress: bool = True, seeds: Sequence[int] | None = None, engine: Engine | None = None,
-                unit_size: int = 4) -> list[dict]:
+                unit_size: int = 4, device: str | None = None) -> list[dict]:
         """Classify a batch of images [B,3,H,W] in [-1,1]: here, or on Ray in units of `unit_size` images
-        (results do not depend on where: every image has its own seed)."""
+        (results do not depend on where: every image has its own seed). `device`: where the units run (on Ray,
+        the workers' device; default: where the model is)."""
         engine = engine or current()
+        dev = engine.resolve_device(device) if device is not None else self.model.device
+        if not engine.is_ray:
+            self.model.to(dev)
         cond = self.prompt_embeddings(classnames, templates).cpu()
         seeds = list(seeds) if seeds is not None else list(range(len(images)))
         size = unit_size if engine.is_ray else 1
         units = [(images[i:i + size], cond, seeds[i:i + size]) for i in range(0, len(images), size)]
         # this driver's classifier object: a warm worker reuses its copy only for the same object
-        key = digest([self.model.name, os.getpid(), id(self), str(self.model.device),
+        key = digest([self.model.name, os.getpid(), id(self), str(dev),
                       {f.name: getattr(self, f.name) for f in fields(self) if f.name != "model"}])
         out: list[list[dict]] = [[] for _ in units]
         with progress(total=len(images), desc=f"diffusion classify [{self.strategy}]", unit="img",
                       disable=not show_progress or None) as bar:
-            for i, res in engine.map(classify_unit, self, key, units, self.model.device):
+            for i, res in engine.map(classify_unit, self, key, units, dev):
                 out[i] = res
                 bar.update(len(res))
         return [r for rs in out for r in rs]
@@ -145,14 +149,15 @@ def default_templates(model: Denoiser) -> list[str]:
 
 
 def evaluate(clf: DiffusionClassifier, dataset: ImageDataset, templates: Sequence[str] | None = None,
-             show_progress: bool = True, engine: Engine | None = None) -> dict:
+             show_progress: bool = True, engine: Engine | None = None, device: str | None = None) -> dict:
     """Zero-shot evaluation in CLIP_benchmark's layout plus denoiser evaluations per image."""
     if not dataset.labelled:
         raise ConceptlensError(f"{dataset.name} is unlabelled: accuracy needs labels")
     x, y, keys = image_tensors(dataset, clf.model.image_size)
     tmpl = list(templates or default_templates(clf.model))
     t0 = time.perf_counter()
-    out = clf.predict(x, dataset.classnames, tmpl, show_progress=show_progress, engine=engine)
+    out = clf.predict(x, dataset.classnames, tmpl, show_progress=show_progress, engine=engine, device=device)
+    dev = (engine or current()).resolve_device(device) if device is not None else clf.model.device
     secs = time.perf_counter() - t0
     scores = -torch.tensor([o["errors"] for o in out]).nan_to_num(nan=float("inf"))
     scores[torch.arange(len(out)), torch.tensor([o["pred"] for o in out])] = float("inf")  # the strategy's pick
@@ -161,7 +166,7 @@ def evaluate(clf: DiffusionClassifier, dataset: ImageDataset, templates: Sequenc
     m["seconds_per_image"] = secs / len(out)
     res = result_json(dataset.name, clf.model.name, "zeroshot_classification", m)
     res.update({"strategy": clf.strategy, "loss": clf.loss, "target": clf.target, "templates": tmpl,
-                "precision": resolve_precision(clf.precision, clf.model.device), "device": str(clf.model.device),
+                "precision": resolve_precision(clf.precision, dev), "device": str(dev),
                 "n_images": len(out), "classnames": list(dataset.classnames),
                 "predictions": [{"key": k, "pred": o["pred"], "evals": o["evals"]} for k, o in zip(keys, out)]})
     res["_scores"] = scores  # for reports; dropped when written
