@@ -25,7 +25,7 @@ import torch
 from common import save, shared_dir, table_text
 from conceptlens.cli import main as cli
 from conceptlens.concepts.vocab import caption_bank
-from conceptlens.data import load_dataset
+from conceptlens.data import load_dataset, read_flickr8k
 from conceptlens.diffusion import DiffusionClassifier, evaluate
 from conceptlens.features import embed
 from conceptlens.models import load_model
@@ -126,8 +126,11 @@ def main() -> None:
                    out[str(dev)][1], out["cpu"][1])
 
         # training: a few steps on each device, the losses compared
+        pairs, _ = read_flickr8k(data / "flickr8k")
+        (tmp / "pairs.csv").write_text("path,caption\n" + "".join(
+            f'{data / "flickr8k" / "images" / i},"{c.replace(chr(34), "")}"\n' for i, c in pairs[:500]))
         cfg = tmp / "clip.toml"
-        cfg.write_text(f'data = "{data / "flickr8k" / "captions.tsv"}"\nepochs = 1\nbatch_size = 128\n')
+        cfg.write_text(f'data = "{tmp / "pairs.csv"}"\nepochs = 2\nbatch_size = 64\n')
         for verb, base in (("train clip", ["train", "clip", "--config", str(cfg)]),
                            ("train diffusion", ["train", "diffusion", "--data", str(cifar), "--steps", "10",
                                                 "--ckpt-every", "10"])):
