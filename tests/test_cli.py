@@ -7,8 +7,12 @@ import pytest
 from conceptlens.cli import build_parser, main
 from conftest import trained_clip_file
 
-COMMANDS = ["models", "embed", "zeroshot", "linear-probe", "align", "cbm", "diagnose", "search", "decode", "explain",
-            "diffusion-classify", "demo", "build", "train"]
+COMMANDS = ["models", "embed", "export", "zeroshot", "linear-probe", "align", "cbm", "diagnose", "search", "decode",
+            "explain", "diffusion-classify", "demo", "build", "train"]
+# verbs that run a model: --device on all; --engine where there is per-shard work
+DEVICE_VERBS = [[c] for c in COMMANDS if c not in ("models", "train")] + [["train", "clip"], ["train", "diffusion"]]
+ENGINE_VERBS = ["embed", "export", "zeroshot", "linear-probe", "align", "cbm", "diagnose", "search", "decode", "explain",
+                "diffusion-classify"]
 
 
 def test_every_command_is_registered_and_has_help(capsys):
@@ -19,6 +23,15 @@ def test_every_command_is_registered_and_has_help(capsys):
             main([cmd, "--help"])
         assert exc.value.code == 0
         assert f"usage: conceptlens {cmd}" in capsys.readouterr().out
+
+
+def test_every_model_verb_takes_a_device_and_the_shard_verbs_an_engine(capsys):
+    for argv in DEVICE_VERBS:
+        with pytest.raises(SystemExit):
+            main(argv + ["--help"])
+        out = capsys.readouterr().out
+        assert "--device" in out, argv
+        assert ("--engine" in out and "--ray-address" in out) == (argv[0] in ENGINE_VERBS), argv
 
 
 @pytest.mark.parametrize("argv,message", [
