@@ -12,6 +12,34 @@ os.environ.setdefault("CONCEPTLENS_QUIET", "1")
 SHARED = Path(os.environ.get("CONCEPTLENS_SHARED", Path(__file__).resolve().parents[1].parent / "shared"))
 
 
+def _own_addresses() -> set[str]:
+    import socket
+    try:
+        return set(socket.gethostbyname_ex(socket.gethostname())[2])
+    except OSError:
+        return set()
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _no_network():
+    """Nothing may download at run time: every test runs with TCP connections off this machine refused
+    (loopback and this host's own addresses stay open for a local Ray cluster)."""
+    import socket
+    real, real_ex = socket.socket.connect, socket.socket.connect_ex
+    allowed = _own_addresses() | {"::1", "localhost"}
+
+    def check(sock, address):
+        if sock.family in (socket.AF_INET, socket.AF_INET6) and sock.type == socket.SOCK_STREAM:
+            host = str(address[0])
+            if not host.startswith("127.") and host not in allowed:
+                raise OSError(f"network blocked in tests: {address}")
+
+    socket.socket.connect = lambda self, address: (check(self, address), real(self, address))[1]
+    socket.socket.connect_ex = lambda self, address: (check(self, address), real_ex(self, address))[1]
+    yield
+    socket.socket.connect, socket.socket.connect_ex = real, real_ex
+
+
 @pytest.fixture(autouse=True)
 def _cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("CONCEPTLENS_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))

@@ -52,6 +52,14 @@ def test_stopping_and_resuming_gives_the_same_weights(tmp_path):
     assert torch.equal(full["temperature"].log_scale, resumed["temperature"].log_scale)
 
 
+def test_a_checkpoint_of_another_run_is_never_resumed(tmp_path):
+    X, T, owner = _toy()
+    ck = tmp_path / "ck.safetensors"
+    fit_heads([X], T, owner, CFG, checkpoint=ck, stop_after=3, fingerprint="run-a")
+    with pytest.raises(ConceptlensError, match="another run.*--overwrite"):
+        fit_heads([X], T, owner, CFG, checkpoint=ck, fingerprint="run-b")  # other data or config
+
+
 def test_gradient_accumulation_equals_one_full_batch():
     X, T, owner = _toy()
     a = fit_heads([X], T, owner, CFG | {"epochs": 1})

@@ -92,8 +92,13 @@ def test_training_resumes_exactly(tmp_path, cifar_like):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     model = load_tiny_diffusion(str(tmp_path / "a.safetensors"))
     assert model.meta["step"] == 4 and model.meta["train_config"]["data_provenance"]["n_images"] == 12
-    with pytest.raises(ConceptlensError, match="other settings"):
+    with pytest.raises(ConceptlensError, match="another run"):
         train_diffusion(str(cifar_like), tmp_path / "a", steps=5, lr=1e-3, **kw)
+    (cifar_like / "cat" / "0.png").touch()  # other data (a file changed) is another run too
+    with pytest.raises(ConceptlensError, match="--overwrite"):
+        train_diffusion(str(cifar_like), tmp_path / "a", steps=5, **kw)
+    res = train_diffusion(str(cifar_like), tmp_path / "a", steps=1, overwrite=True, export=tmp_path / "c.safetensors", **kw)
+    assert res["step"] == 1
 
 
 def test_embedded_model_cli_bad_input(tmp_path, image_folder, cifar_like, capsys):

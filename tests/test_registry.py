@@ -93,3 +93,16 @@ def test_estimators_validate_in_fit_and_return_numpy():
     assert isinstance(cbm.decision_function(X), np.ndarray)
     al = Aligner().fit(X, X @ rng.normal(size=(6, 4)))
     assert isinstance(al.transform(X), np.ndarray) and al.alphas is None and al.alpha_ > 0
+
+
+def test_the_suite_runs_with_the_network_blocked():
+    import socket
+    with pytest.raises(OSError, match="network blocked"):
+        socket.create_connection(("203.0.113.7", 443), timeout=1)
+
+
+@pytest.mark.parametrize("name", ["torchvision:resnet18", "torchvision:resnet18/IMAGENET1K_V1", "open_clip:RN50/openai",
+                                  "timm:resnet18"])
+def test_pretrained_weights_not_on_disk_are_an_error_not_a_download(name):
+    with pytest.raises(ConceptlensError, match="never downloads|not on this machine|no weights"):
+        load_model(name)

@@ -72,6 +72,16 @@ class Engine:
         except (RuntimeError, ValueError):
             raise ConceptlensError(f"unknown device {spec!r}: use auto, cpu, cuda, cuda:N or mps") from None
 
+    def worker_count(self, device: torch.device | str = "cpu") -> int:
+        """How many units run at once: 1 locally; on Ray `workers`, else one per CPU (per GPU on CUDA)."""
+        if not self.is_ray:
+            return 1
+        if self.workers:
+            return self.workers
+        gpu = resolve_device(device).type == "cuda"
+        res = connect(self.address).cluster_resources()
+        return max(1, int(res.get("GPU", 1) if gpu else res.get("CPU", 1) // self.cpus_per_worker))
+
     def map(self, fn: Callable[[Any, Any], Any], payload: Any, key: str, units: Sequence[Any],
             device: torch.device | str = "cpu") -> Iterator[tuple[int, Any]]:
         """(unit index, fn(payload, unit)) for every unit: in order locally, as they finish on Ray."""
@@ -84,8 +94,7 @@ class Engine:
         ray = connect(self.address)
         dev = resolve_device(device)
         gpus = 1 if dev.type == "cuda" else 0
-        workers = self.workers or max(1, int(ray.cluster_resources().get("GPU" if gpus else "CPU", 1)
-                                             // (1 if gpus else self.cpus_per_worker)))
+        workers = self.worker_count(dev)
         task = ray.remote(_run).options(num_cpus=self.cpus_per_worker, num_gpus=gpus, max_retries=self.max_retries)
         threads = self.threads or torch.get_num_threads()
         box = [ray.put(payload)]  # in a list: Ray passes the reference; a worker fetches it once per process

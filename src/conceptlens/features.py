@@ -10,16 +10,22 @@ chunks of whole batches (`embed_texts`).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import json
+import math
 import os
 import shutil
+import tempfile
 import warnings
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
+import filelock
 import numpy as np
 import torch
 from torchvision import transforms as T
@@ -203,13 +209,29 @@ def embed_unit(model: Encoder, unit: ImageUnit) -> tuple[np.ndarray, np.ndarray,
     return np.asarray(rows, dtype=np.int64), X, errs
 
 
-def image_units(dataset: ImageDataset, state: np.ndarray, batch_size: int, precision: str,
-                batches_per_unit: int = 4) -> list[ImageUnit]:
-    """The unfinished rows of every shard, cut at batch boundaries into units of `batches_per_unit` batches."""
+def whole_batches(pending: np.ndarray, n: int, batch_size: int) -> list[int]:
+    """Every position of each batch that has a pending row: a batch is always recomputed whole, because fp32
+    results depend on the batch's composition (a row recomputed alone differs in the last bits)."""
+    out: list[int] = []
+    for b in np.unique(np.asarray(pending, dtype=np.int64) // batch_size):
+        out += range(int(b) * batch_size, min(n, (int(b) + 1) * batch_size))
+    return out
+
+
+def image_units(dataset: ImageDataset, state: np.ndarray, batch_size: int, precision: str, workers: int = 1,
+                batches_per_unit: int | None = None) -> list[ImageUnit]:
+    """The unfinished rows of every shard, cut at batch boundaries into units of whole batches. Default size:
+    about three units per worker (each unit starts its decoding pipeline afresh, and with one unit in flight per
+    worker the worker waits for the next; fewer, larger units cost less), 2 to 32 batches, so resume keeps a
+    fine grain."""
+    if batches_per_unit is None:
+        pending_batches = math.ceil(int((state == PENDING).sum()) / batch_size)
+        batches_per_unit = min(32, max(2, math.ceil(pending_batches / (3 * workers))))
     units, offset = [], 0
     span = batch_size * batches_per_unit
     for shard in dataset.shards:
-        pending = np.nonzero(state[offset:offset + len(shard.items)] == PENDING)[0]
+        pending = np.asarray(whole_batches(np.nonzero(state[offset:offset + len(shard.items)] == PENDING)[0],
+                                           len(shard.items), batch_size), dtype=np.int64)
         for start in range(0, len(shard.items), span):
             todo = tuple(int(p) for p in pending[(pending >= start) & (pending < start + span)])
             if todo:
@@ -248,53 +270,85 @@ def embed(model: Encoder, dataset: ImageDataset, batch_size: int | None = None, 
     if dataset.precomputed and (stored := _stored(model, dataset, precision)) is not None:
         return stored
     key = cache_key(model, dataset, precision, dev)
-    root = cache_dir("features") / key if use_cache else Path(os.environ.get("TMPDIR", "/tmp")) / f"conceptlens-{key}"
-    meta_path = root / "meta.json"
-    if use_cache and meta_path.exists():
-        return _load(root, json.loads(meta_path.read_text()), dataset, model, hit=True)
     n, dim = len(dataset), model.embed_dim
-    feats, state = open_store(root, n, dim)
-    errors_path = root / "errors.jsonl"
+    if not use_cache:  # a private temp dir: two --no-cache runs never share (or delete) each other's
+        with tempfile.TemporaryDirectory(prefix=f"conceptlens-{key[:12]}-") as tmp:
+            out = _compute(model, dataset, Path(tmp), key, n, dim, batch_size, precision, dev, engine, strict, show_progress)
+            out.X, out.path = np.array(out.X), None
+            return out
+    root = cache_dir("features") / key
+    if (hit := _verified_hit(root, key, dataset, model, n, dim)) is not None:
+        return hit
+    with entry_lock(root):  # concurrent runs on one entry: one computes, the others wait and read it
+        if (hit := _verified_hit(root, key, dataset, model, n, dim)) is not None:
+            return hit
+        return _compute(model, dataset, root, key, n, dim, batch_size, precision, dev, engine, strict, show_progress)
+
+
+def _verified_hit(root: Path, key: str, dataset: ImageDataset, model: Encoder, n: int, dim: int) -> Features | None:
+    """The complete entry at `root` if it passes verification; a failed one is reopened for recomputation."""
+    if not (root / "meta.json").exists():
+        return None
+    problem = Store.problem(root, n, dim)
+    if problem is None:
+        return _load(root, dataset, model, hit=True)
+    warnings.warn(f"feature cache entry {key[:12]} failed verification ({problem}): recomputing what is wrong",
+                  stacklevel=3)
+    (root / "meta.json").unlink(missing_ok=True)
+    return None
+
+
+@contextlib.contextmanager
+def entry_lock(root: Path):
+    """An exclusive lock beside a cache entry (released by the OS if the holder dies)."""
+    root.parent.mkdir(parents=True, exist_ok=True)
+    lock = filelock.FileLock(str(root) + ".lock")
+    try:
+        lock.acquire(timeout=0.5)
+    except filelock.Timeout:
+        warnings.warn(f"another process is computing {root.name[:12]}: waiting for it", stacklevel=4)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _compute(model: Encoder, dataset: ImageDataset, root: Path, key: str, n: int, dim: int, batch_size: int,
+             precision: str, dev: torch.device, engine: Engine, strict: bool, show_progress: bool) -> Features:
+    store = Store(root, n, dim)
+    redo = store.verify()
+    if redo:
+        warnings.warn(f"{redo} cached rows of {key[:12]} failed their checksum: recomputing them", stacklevel=4)
     bar = progress(total=n, desc=f"embed {dataset.name} [{model.name}]", unit="img", disable=not show_progress or None)
-    bar.update(int((state != PENDING).sum()))
+    bar.update(int((store.state != PENDING).sum()))
 
     def write(rows: np.ndarray, X: np.ndarray | None, errs: list[tuple[int, str]]) -> None:
-        if errs:
-            if strict:
-                raise ConceptlensError(f"unreadable image: {errs[0][1]} (drop --strict to skip it)")
-            with open(errors_path, "a", encoding="utf-8") as f:
-                for r, e in errs:
-                    warnings.warn(f"skipped {e}", stacklevel=3)
-                    f.write(json.dumps({"row": int(r), "error": e}) + "\n")
+        if errs and strict:
+            raise ConceptlensError(f"unreadable image: {errs[0][1]} (drop --strict to skip it)")
+        for _, e in errs:
+            warnings.warn(f"skipped {e}", stacklevel=3)
         if X is not None and len(rows):
-            feats[rows] = X
-            feats.flush()
-        # Flags after data: a kill between the two only redoes this batch.
-        state[rows] = DONE
-        state[np.asarray([r for r, _ in errs], dtype=np.int64)] = SKIPPED
-        state.flush()
+            if not np.isfinite(X).all():
+                raise ConceptlensError(f"{model.name} gave NaN/inf features under {precision}; use --precision fp32")
+            store.write(rows, X)
+        store.skip(errs)
         bar.update(len(rows) + len(errs))
 
     try:
         if engine.is_ray:
-            units = image_units(dataset, state, batch_size, precision)
+            units = image_units(dataset, store.state, batch_size, precision, engine.worker_count(dev))
             payload_key = digest([model_identity(model, precision), str(dev)])  # warm workers keep it across jobs
             for _, (rows, X, errs) in engine.map(embed_unit, model, payload_key, units, dev):
                 write(rows, X, errs)
         else:
-            _embed_local(model, dataset, state, batch_size, precision, write)
+            _embed_local(model, dataset, store.state, batch_size, precision, write)
     finally:
         bar.close()
-    meta = {"model": model.name, "fingerprint": model.fingerprint, "layer": model.layer, "precision": precision,
-            "device": dev.type, "preprocess": model.preprocess_id(), "dataset": dataset.name, "root": dataset.root,
-            "identity": dataset.identity, "n": n, "dim": dim}
-    atomic_write_json(meta_path, meta)
-    out = _load(root, meta, dataset, model, hit=False)
-    if not use_cache:
-        out.X = np.array(out.X)
-        shutil.rmtree(root, ignore_errors=True)
-        out.path = None
-    return out
+    store.complete({"model": model.name, "fingerprint": model.fingerprint, "layer": model.layer, "precision": precision,
+                    "device": dev.type, "preprocess": model.preprocess_id(), "dataset": dataset.name,
+                    "root": dataset.root, "identity": dataset.identity, "n": n, "dim": dim})
+    return _load(root, dataset, model, hit=False)
 
 
 def _embed_local(model: Encoder, dataset: ImageDataset, state: np.ndarray, batch_size: int, precision: str,
@@ -305,7 +359,8 @@ def _embed_local(model: Encoder, dataset: ImageDataset, state: np.ndarray, batch
     offset = 0
     try:
         for shard in dataset.shards:
-            todo = [int(i) for i in np.nonzero(state[offset:offset + len(shard.items)] == PENDING)[0]]
+            todo = whole_batches(np.nonzero(state[offset:offset + len(shard.items)] == PENDING)[0], len(shard.items),
+                                 batch_size)
             for positions, X, errs in (embed_batches(model, batcher, shard, todo, precision) if todo else ()):
                 write(offset + np.asarray(positions, dtype=np.int64), X, [(offset + p, e) for p, e in errs])
             offset += len(shard.items)
@@ -313,18 +368,115 @@ def _embed_local(model: Encoder, dataset: ImageDataset, state: np.ndarray, batch
         batcher.close()
 
 
-def open_store(root: Path, n: int, dim: int) -> tuple[np.ndarray, np.ndarray]:
-    """The resumable store of a cache entry: memory-mapped features [n, dim] and a per-row state flag."""
-    root.mkdir(parents=True, exist_ok=True)
-    feats_path, state_path = root / "features.npy", root / "state.npy"
-    if feats_path.exists() and state_path.exists():
-        feats = np.lib.format.open_memmap(feats_path, mode="r+")
-        state = np.lib.format.open_memmap(state_path, mode="r+")
-        if feats.shape == (n, dim) and state.shape == (n,):
-            return feats, state
-    feats = np.lib.format.open_memmap(feats_path, mode="w+", dtype=np.float32, shape=(n, dim))
-    state = np.lib.format.open_memmap(state_path, mode="w+", dtype=np.uint8, shape=(n,))
-    return feats, state
+FORMAT = 2  # of a cache entry; other formats are recomputed
+
+
+def row_crc(X: np.ndarray) -> np.ndarray:
+    """CRC32 of every float32 row: what a cache entry checks its rows against."""
+    X = np.ascontiguousarray(X, np.float32)
+    return np.fromiter((zlib.crc32(r) for r in X), dtype=np.uint32, count=len(X))
+
+
+class Store:
+    """A resumable, self-verifying cache entry: features [n, dim] (memory-mapped; disk space reserved up front,
+    so a full disk is an error at the start, never a SIGBUS later), a per-row state flag, a per-row CRC32, skip
+    messages by row (`errors.jsonl`, idempotent), and `meta.json` written last with the format and the CRC of
+    the CRCs. Rows are written data first, checksum second, flag last."""
+
+    def __init__(self, root: Path, n: int, dim: int):
+        self.root, self.n, self.dim = root, n, dim
+        root.mkdir(parents=True, exist_ok=True)
+        self.feats, self.state, self.crc = self._open()
+
+    def _paths(self) -> tuple[Path, Path, Path]:
+        return self.root / "features.npy", self.root / "state.npy", self.root / "crc.npy"
+
+    def _open(self):
+        fp, sp, cp = self._paths()
+        if fp.exists() and sp.exists() and cp.exists():
+            try:
+                f = np.lib.format.open_memmap(fp, mode="r+")
+                st = np.lib.format.open_memmap(sp, mode="r+")
+                c = np.lib.format.open_memmap(cp, mode="r+")
+                if f.shape == (self.n, self.dim) and f.dtype == np.float32 and st.shape == c.shape == (self.n,):
+                    st[st > SKIPPED] = PENDING  # garbled flags: redo those rows
+                    return f, st, c
+            except (OSError, ValueError, EOFError):
+                pass
+            warnings.warn(f"cache files in {self.root} were unreadable or of another shape: starting the entry again",
+                          stacklevel=4)
+        need = self.n * (self.dim * 4 + 5) + (1 << 20)
+        free = shutil.disk_usage(self.root).free
+        if need > free:
+            raise ConceptlensError(f"not enough disk space for the feature cache in {self.root}: needs "
+                                   f"{need / 2**20:.0f} MiB, {free / 2**20:.0f} MiB free (set CONCEPTLENS_CACHE elsewhere)")
+        for p in (self.root / "errors.jsonl", self.root / "meta.json"):
+            p.unlink(missing_ok=True)
+        f = np.lib.format.open_memmap(fp, mode="w+", dtype=np.float32, shape=(self.n, self.dim))
+        try:
+            with open(fp, "r+b") as fh:
+                os.posix_fallocate(fh.fileno(), 0, os.path.getsize(fp))
+        except (AttributeError, OSError) as exc:  # no fallocate (macOS) or the disk filled meanwhile
+            if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+                raise ConceptlensError(f"disk full while reserving the feature cache in {self.root}") from None
+        st = np.lib.format.open_memmap(sp, mode="w+", dtype=np.uint8, shape=(self.n,))
+        c = np.lib.format.open_memmap(cp, mode="w+", dtype=np.uint32, shape=(self.n,))
+        return f, st, c
+
+    def verify(self) -> int:
+        """Flag rows marked done whose checksum fails as pending again; returns how many."""
+        bad = _bad_rows(self.feats, self.state, self.crc)
+        self.state[bad] = PENDING
+        self.state.flush()
+        return len(bad)
+
+    def write(self, rows: np.ndarray, X: np.ndarray) -> None:
+        self.feats[rows] = X
+        self.feats.flush()
+        self.crc[rows] = row_crc(X)
+        self.crc.flush()
+        self.state[rows] = DONE
+        self.state.flush()
+
+    def skip(self, errs: list[tuple[int, str]]) -> None:
+        if not errs:
+            return
+        with open(self.root / "errors.jsonl", "a", encoding="utf-8") as f:
+            for r, e in errs:
+                f.write(json.dumps({"row": int(r), "error": e}) + "\n")
+        self.state[np.asarray([r for r, _ in errs], dtype=np.int64)] = SKIPPED
+        self.state.flush()
+
+    def complete(self, meta: dict) -> None:
+        atomic_write_json(self.root / "meta.json", meta | {"format": FORMAT, "crc": zlib.crc32(np.asarray(self.crc).tobytes())})
+
+    @staticmethod
+    def problem(root: Path, n: int, dim: int) -> str | None:
+        """Why the entry at `root` is not a complete, intact one (None when it is)."""
+        try:
+            meta = json.loads((root / "meta.json").read_text())
+            if meta.get("format") != FORMAT:
+                return f"format {meta.get('format', 1)}, this version writes {FORMAT}"
+            feats = np.load(root / "features.npy", mmap_mode="r", allow_pickle=False)
+            state = np.load(root / "state.npy", allow_pickle=False)
+            crc = np.load(root / "crc.npy", allow_pickle=False)
+        except (OSError, ValueError, EOFError, AttributeError) as exc:
+            return f"unreadable: {type(exc).__name__}"
+        if feats.shape != (n, dim) or state.shape != (n,) or crc.shape != (n,):
+            return "arrays of the wrong shape"
+        if (state == PENDING).any() or (state > SKIPPED).any():
+            return f"{int((state != DONE).sum() - (state == SKIPPED).sum())} rows unfinished"
+        if zlib.crc32(crc.tobytes()) != meta.get("crc"):
+            return "checksum table does not match meta.json"
+        bad = _bad_rows(feats, state, crc)
+        return f"{len(bad)} rows fail their checksum" if len(bad) else None
+
+
+def _bad_rows(feats: np.ndarray, state: np.ndarray, crc: np.ndarray, chunk: int = 8192) -> np.ndarray:
+    """Rows flagged done whose features do not match their CRC32 (read in chunks: bounded memory)."""
+    done = np.nonzero(state == DONE)[0]
+    bad = [done[i:i + chunk][row_crc(feats[done[i:i + chunk]]) != crc[done[i:i + chunk]]] for i in range(0, len(done), chunk)]
+    return np.concatenate(bad) if bad else np.zeros(0, np.int64)
 
 
 def model_identity(model: Encoder, precision: str) -> dict:
@@ -368,12 +520,19 @@ def as_features(model: Encoder, data: ImageDataset | Features, **embed_kw) -> Fe
     return data if isinstance(data, Features) else embed(model, data, **embed_kw)
 
 
-def _load(root: Path, meta: dict, dataset: ImageDataset, model: Encoder, hit: bool) -> Features:
+def _load(root: Path, dataset: ImageDataset, model: Encoder, hit: bool) -> Features:
     feats = np.load(root / "features.npy", mmap_mode="r")
     state = np.load(root / "state.npy")
-    skipped = []
+    by_row: dict[int, str] = {}
     if (root / "errors.jsonl").exists():
-        skipped = [json.loads(ln)["error"] for ln in (root / "errors.jsonl").read_text().splitlines() if ln.strip()]
+        for ln in (root / "errors.jsonl").read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                rec = json.loads(ln)
+                by_row[int(rec["row"])] = str(rec["error"])
+            except (ValueError, KeyError, TypeError):
+                continue  # a torn line from a killed run: the state flags are the truth
+    skipped_rows = np.nonzero(state == SKIPPED)[0]
+    skipped = [by_row.get(int(r), f"{dataset.keys[r]}: unreadable") for r in skipped_rows]
     ok = state == DONE
     if ok.all():
         X, labels, keys = feats, dataset.labels, dataset.keys
@@ -414,33 +573,43 @@ def embed_texts(model: Encoder, texts: Sequence[str], batch_size: int = 512, use
     key = digest([model.name, model.fingerprint, texts, *cache_tag(dev)])
     path = cache_dir("text") / f"{key}.npy"
     if use_cache and path.exists():
-        return torch.from_numpy(np.load(path))
+        try:
+            cached = np.load(path, allow_pickle=False)
+            if cached.shape == (len(texts), model.embed_dim) and np.isfinite(cached).all():
+                return torch.from_numpy(cached)
+        except (OSError, ValueError, EOFError):
+            pass
+        warnings.warn(f"text cache {path.name} is damaged: recomputing it", stacklevel=2)
     if not texts:
         return torch.zeros(0, model.embed_dim)
     if len(starts) == 1:
         out = embed_text_chunk(model, (texts, batch_size))
     else:
-        root = path.with_suffix(".partial") if use_cache else Path(os.environ.get("TMPDIR", "/tmp")) / f"conceptlens-text-{key}"
-        feats, state = open_store(root, len(texts), model.embed_dim)
-        todo = [s for s in starts if (state[s:s + span] == PENDING).any()]
-        units = [(texts[s:s + span], batch_size) for s in todo]
-        bar = progress(total=len(texts), desc=f"embed texts [{model.name}]", unit="text",
-                       disable=not show_progress or None, leave=False)
-        bar.update(int((state == DONE).sum()))
-        try:
-            for i, X in engine.map(embed_text_chunk, model, f"{model.name}:{model.fingerprint}:{dev}", units, dev):
-                s = todo[i]
-                feats[s:s + len(X)] = X
-                feats.flush()
-                state[s:s + len(X)] = DONE
-                state.flush()
-                bar.update(len(X))
-        finally:
-            bar.close()
-        out = np.array(feats)
-        if use_cache:
-            atomic_save_npy(path, out)
-        shutil.rmtree(root, ignore_errors=True)
+        with contextlib.ExitStack() as stack:
+            if use_cache:
+                root = path.with_suffix(".partial")
+                stack.enter_context(entry_lock(root))
+                if path.exists():  # another process finished it while this one waited
+                    return torch.from_numpy(np.load(path, allow_pickle=False))
+            else:
+                root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=f"conceptlens-text-{key[:12]}-")))
+            store = Store(root, len(texts), model.embed_dim)
+            store.verify()
+            todo = [s for s in starts if (store.state[s:s + span] == PENDING).any()]
+            units = [(texts[s:s + span], batch_size) for s in todo]
+            bar = progress(total=len(texts), desc=f"embed texts [{model.name}]", unit="text",
+                           disable=not show_progress or None, leave=False)
+            bar.update(int((store.state == DONE).sum()))
+            try:
+                for i, X in engine.map(embed_text_chunk, model, f"{model.name}:{model.fingerprint}:{dev}", units, dev):
+                    store.write(np.arange(todo[i], todo[i] + len(X)), X)
+                    bar.update(len(X))
+            finally:
+                bar.close()
+            out = np.array(store.feats)
+            if use_cache:
+                atomic_save_npy(path, out)
+                shutil.rmtree(root, ignore_errors=True)
         return torch.from_numpy(out)
     if use_cache:
         atomic_save_npy(path, out)

@@ -8,7 +8,9 @@ from __future__ import annotations
 import contextlib
 import csv
 import hashlib
+import io
 import json
+import math
 import os
 import tempfile
 from importlib import resources
@@ -25,6 +27,9 @@ if TYPE_CHECKING:
     import torch
 
 META_KEY = "conceptlens"
+
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)  # read once: new files get 0666 minus the process umask
 
 
 def cache_dir(sub: str = "") -> Path:
@@ -66,6 +71,7 @@ def atomic_output(path: Path | str, suffix: str = "") -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs are ordinary files
     try:
         yield Path(tmp)
         with open(tmp, "rb+") as f:
@@ -83,7 +89,25 @@ def atomic_write_bytes(path: Path | str, data: bytes) -> None:
 
 
 def atomic_write_json(path: Path | str, obj: Any) -> None:
-    atomic_write_bytes(Path(path), json.dumps(obj, indent=2, default=_json_default).encode())
+    """Strict JSON (NaN and inf become null: other tools reject them), written atomically."""
+    atomic_write_bytes(Path(path), json.dumps(json_safe(obj), indent=2, allow_nan=False).encode())
+
+
+def json_safe(o: Any) -> Any:
+    """`o` with numpy scalars/arrays and paths as JSON types and non-finite floats as None."""
+    if isinstance(o, dict):
+        return {str(k): json_safe(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [json_safe(v) for v in o]
+    if isinstance(o, np.ndarray):
+        return json_safe(o.tolist())
+    if isinstance(o, (np.floating, np.integer, np.bool_)):
+        o = o.item()
+    if isinstance(o, float) and not math.isfinite(o):
+        return None
+    if isinstance(o, Path):
+        return str(o)
+    return o
 
 
 def atomic_save_npy(path: Path | str, array: np.ndarray) -> None:
@@ -91,22 +115,12 @@ def atomic_save_npy(path: Path | str, array: np.ndarray) -> None:
         np.save(tmp, array)
 
 
-def _json_default(o: Any) -> Any:
-    if isinstance(o, (np.floating, np.integer)):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(type(o))
-
-
 def save_safetensors(path: Path | str, tensors: dict[str, "torch.Tensor"], meta: dict) -> Path:
     """Tensors + our JSON metadata (under the "conceptlens" key), written atomically; never pickle."""
     from safetensors.torch import save_file  # imports torch: the data layer below stays torch-free
     with atomic_output(path, suffix=".safetensors") as tmp:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
-                  metadata={META_KEY: json.dumps(meta, default=_json_default)})
+                  metadata={META_KEY: json.dumps(json_safe(meta), allow_nan=False)})
     return Path(path)
 
 
@@ -125,6 +139,19 @@ def read_safetensors_meta(path: Path | str, required: bool = True) -> dict:
     return json.loads(raw)
 
 
+def read_text(path: Path | str) -> str:
+    """A UTF-8 text file (a BOM is fine); anything else is one line naming the file."""
+    path = Path(path)
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ConceptlensError(f"{path} is not UTF-8 text (bad byte at offset {exc.start})") from None
+    except IsADirectoryError:
+        raise ConceptlensError(f"{path} is a directory, not a text file") from None
+    except OSError as exc:
+        raise ConceptlensError(f"cannot read {path}: {exc.strerror}") from None
+
+
 def read_rows(path: Path) -> list[dict]:
     """Rows of a CSV, TSV or JSONL table (JSONL errors name the line); an empty table is an error."""
     path = Path(path)
@@ -132,15 +159,14 @@ def read_rows(path: Path) -> list[dict]:
         raise ConceptlensError(f"file not found: {path}")
     rows: list[dict] = []
     if path.suffix == ".jsonl":
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        for n, line in enumerate(read_text(path).splitlines(), 1):
             if line.strip():
                 try:
                     rows.append(json.loads(line))
                 except json.JSONDecodeError:
                     raise ConceptlensError(f"{path}:{n}: not valid JSON") from None
     else:
-        with open(path, newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f, delimiter="\t" if path.suffix == ".tsv" else ","))
+        rows = list(csv.DictReader(io.StringIO(read_text(path), newline=""), delimiter="\t" if path.suffix == ".tsv" else ","))
     if not rows:
         raise ConceptlensError(f"no rows in {path}")
     return rows

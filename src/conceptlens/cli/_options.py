@@ -5,6 +5,7 @@ Nothing here imports torch at module level: `conceptlens --help` must print with
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -117,15 +118,46 @@ def dataset_of(a: argparse.Namespace, spec: str):
 
 
 def load_vectors(path: str):
+    """A float .npy of one vector [D] or several [N, D], finite: anything else is one line."""
     import numpy as np
     try:
-        return np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as exc:
+        V = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as exc:
         raise ConceptlensError(f"cannot read {path}: {exc}") from None
+    if not isinstance(V, np.ndarray) or V.dtype.kind not in "fiu" or V.ndim not in (1, 2) or V.size == 0:
+        raise ConceptlensError(f"{path}: expected a numeric .npy of shape [D] or [N, D]")
+    if not np.isfinite(V).all():
+        raise ConceptlensError(f"{path} contains NaN or inf values")
+    return V.astype(np.float32)
+
+
+def output_path(path: str) -> Path:
+    """An output file path: not a directory, not a device or pipe, its folder creatable (checked before work)."""
+    p = Path(path)
+    if p.is_dir():
+        raise ConceptlensError(f"{path} is a directory: give a file name")
+    if p.exists() and not p.is_file():
+        raise ConceptlensError(f"{path} is not a regular file: conceptlens writes files atomically (temp + rename)")
+    return p
+
+
+def check_outputs(a: argparse.Namespace) -> None:
+    """--output / --report checked before any work, so a bad path never costs the compute."""
+    if getattr(a, "output", None):
+        output_path(a.output)
+    report = getattr(a, "report", None)
+    if report:
+        r = Path(report)
+        if r.exists() and not r.is_dir():
+            raise ConceptlensError(f"--report {report} is a file: give a folder")
+        parent = next((p for p in [r, *r.parents] if p.exists()), Path("."))
+        if not os.access(parent, os.W_OK):
+            raise ConceptlensError(f"--report {report}: {parent} is not writable")
 
 
 def write_json(path: str | None, obj: dict) -> None:
     if path:
+        output_path(path)
         from ..io import atomic_write_json
         try:
             atomic_write_json(Path(path), obj)

@@ -1,7 +1,7 @@
 """`models`, `embed`, `zeroshot`, `linear-probe`: CLIP zero-shot and linear probes (CLIP_benchmark's JSON)."""
 from __future__ import annotations
 
-from ._options import command, dataset_of, embed_kwargs, model_of, positive, table, write_json
+from ._options import command, dataset_of, embed_kwargs, model_of, output_path, positive, table, write_json
 
 
 def register(sub) -> None:
@@ -31,6 +31,8 @@ def models(a) -> None:
 
 def embed(a) -> None:
     from ..features import embed as run
+    if a.output:
+        output_path(a.output)
     model = model_of(a)
     f = run(model, dataset_of(a, a.data), **embed_kwargs(a))
     print(f"{len(f.labels)} images x {f.X.shape[1]} dims from {model.name}; cache {'hit' if f.cache_hit else 'written'}"

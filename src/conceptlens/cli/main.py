@@ -16,8 +16,16 @@ from . import clip, concepts, demo, diffusion, explain, train
 GROUPS = (clip, concepts, explain, diffusion, demo, train)
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with errors as one line (`conceptlens: error: VERB: message`, exit 2), like every other error."""
+
+    def error(self, message: str):
+        verb = self.prog.removeprefix("conceptlens").strip()
+        self.exit(2, f"conceptlens: error: {verb + ': ' if verb else ''}{message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="conceptlens", description="Talk to image representations in words.")
+    ap = Parser(prog="conceptlens", description="Talk to image representations in words.")
     sub = ap.add_subparsers(dest="cmd", required=True)
     for group in GROUPS:
         group.register(sub)
@@ -28,12 +36,15 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # third-party "Loading weights" bars: not ours
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.formatwarning = lambda msg, cat, *a, **k: f"warning: {msg}\n"
     args = build_parser().parse_args(argv)
     try:
         from ..engine import using  # light: no torch work until a model is built
-        from ._options import engine_of
+        from ._options import check_outputs, engine_of
+        check_outputs(args)
         with using(engine_of(args)):
             args.func(args)
         return 0

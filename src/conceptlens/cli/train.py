@@ -28,11 +28,13 @@ def register(sub) -> None:
     p.add_argument("--export", help="where the finished weights go (default: the packaged asset)")
     add_device(p, engine=False)
     add_precision(p)
+    p.add_argument("--overwrite", action="store_true", help="start again instead of resuming the checkpoint in --out")
     p.set_defaults(func=train_diffusion)
     p = tsub.add_parser("clip", help="CLIP-type training (frozen towers + heads, LiT-style) from a TOML/YAML config")
     p.add_argument("--config", required=True)
     p.add_argument("--out", help="output folder (default: the config's `out` or runs/clip)")
     add_device(p, engine=False)
+    p.add_argument("--overwrite", action="store_true", help="start again instead of resuming the checkpoint in --out")
     p.set_defaults(func=train_clip)
 
 
@@ -46,11 +48,11 @@ def train_diffusion(a) -> None:
     from ..train.diffusion import train_diffusion as run
     res = run(a.data, Path(a.out), steps=a.steps, batch_size=a.batch_size, lr=a.lr, seed=a.seed, threads=a.threads,
               ckpt_every=a.ckpt_every, export=Path(a.export) if a.export else None, command=command_line(),
-              device=a.device, precision=a.precision)
+              device=a.device, precision=a.precision, overwrite=a.overwrite)
     print(json.dumps(res, indent=2))
 
 
 def train_clip(a) -> None:
     from ..train.clip import train_clip as run
-    path = run(a.config, Path(a.out) if a.out else None, device=a.device)
+    path = run(a.config, Path(a.out) if a.out else None, device=a.device, overwrite=a.overwrite)
     print(f"wrote {path}  (use it as --model clip:{path})")

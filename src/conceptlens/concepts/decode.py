@@ -86,6 +86,9 @@ def decode(model: Encoder, vectors: np.ndarray | None = None, data: ImageDataset
     if vectors is not None:
         V = np.asarray(vectors, np.float32)
         V = V[None] if V.ndim == 1 else V
+        want = model.base.embed_dim if isinstance(model, MappedEncoder) else model.embed_dim
+        if V.ndim != 2 or V.shape[1] != want:
+            raise ConceptlensError(f"vectors of shape {tuple(V.shape)}: {model.name} takes [{want}] or [N, {want}]")
         if isinstance(model, MappedEncoder):
             V = model.map_direction(V) if direction else model.map_features(V)
         names = [f"vector {i}" for i in range(len(V))]

@@ -30,6 +30,9 @@ class Term:
     k: float | None = None
 
 
+MAX_TERMS, MAX_DEPTH = 64, 32
+
+
 def parse(query: str):
     """Parse AND (&), OR (|), NOT (!), parentheses and `word:k` into a tree of tuples; errors say where."""
     pos, toks = 0, []
@@ -42,6 +45,21 @@ def parse(query: str):
         pos = m.end()
     if not toks:
         raise ConceptlensError("empty query")
+    n_terms, deepest, bangs = 0, 0, [0]  # bounded before parsing: too deep is an error, not a RecursionError
+    for kind, val in toks:
+        if val == "!":
+            bangs[-1] += 1
+        elif val == "(":
+            bangs.append(0)
+        elif val == ")" and len(bangs) > 1:
+            bangs.pop()
+            bangs[-1] = 0
+        elif kind == "term":
+            n_terms += 1
+            bangs[-1] = 0
+        deepest = max(deepest, len(bangs) - 1 + sum(bangs))
+    if n_terms > MAX_TERMS or deepest > MAX_DEPTH:
+        raise ConceptlensError(f"query too large: at most {MAX_TERMS} concepts and {MAX_DEPTH} levels of ( and !")
     i = 0
 
     def peek():
@@ -78,6 +96,8 @@ def parse(query: str):
         if kind == "term":
             i += 1
             return ("term", val)
+        if kind is None:
+            raise ConceptlensError(f"query {query!r} ends where a concept is expected")
         raise ConceptlensError(f"unexpected {val!r} in {query!r}")
 
     tree = expr()

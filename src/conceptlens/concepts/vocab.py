@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from ..data.wordnet import hypernym_words, is_word
 from ..errors import ConceptlensError
 from ..eval.zeroshot import build_classifier
-from ..io import shared_dir
+from ..io import read_text, shared_dir
 from ..models import Encoder
 
 CONCEPT_TEMPLATES = ["a photo of {c}.", "a picture showing {c}.", "an image of {c}.", "{c}"]
@@ -82,7 +82,7 @@ def load_concepts(spec: str | None, classnames: Sequence[str] | None = None) -> 
     path = Path(spec)
     if not path.exists():
         raise ConceptlensError(f"concept file not found: {spec}")
-    words = [ln.strip() for ln in path.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+    words = [ln.strip() for ln in read_text(path).splitlines() if ln.strip() and not ln.startswith("#")]
     if not words:
         raise ConceptlensError(f"concept file {spec} is empty")
     return words

@@ -19,6 +19,7 @@ from ..io import digest
 from .named import named_arrays
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # truncated files are errors we report, not silently grey pixels
+MAX_SIDECAR = 1 << 20  # a label / caption member larger than 1 MiB is not a label: skipped unread
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 
 
@@ -103,7 +104,8 @@ def split_name(name: str) -> tuple[str, str]:
 
 
 def tar_members(path: str, with_images: bool) -> Iterator[tuple[str, str, bytes]]:
-    """(key, extension, bytes) of every file member; image bytes only `with_images`."""
+    """(key, extension, bytes) of every file member; image bytes only `with_images`; other members over
+    MAX_SIDECAR come back empty (unread)."""
     # tarfile directly (not webdataset's pipeline): we need member keys and labels before decoding
     # to size the feature cache and to resume a shard.
     try:
@@ -112,8 +114,8 @@ def tar_members(path: str, with_images: bool) -> Iterator[tuple[str, str, bytes]
                 if not m.isfile():
                     continue
                 key, ext = split_name(m.name)
-                if ext in IMAGE_EXTS and not with_images:
-                    yield key, ext, b""
+                if ext in IMAGE_EXTS and not with_images or ext not in IMAGE_EXTS and m.size > MAX_SIDECAR:
+                    yield key, ext, b""  # not read: memory stays bounded whatever a shard holds
                     continue
                 f = tf.extractfile(m)
                 yield key, ext, f.read() if f else b""
@@ -182,15 +184,24 @@ def dataset_rows(dataset: ImageDataset, rows: Sequence[int]) -> ImageDataset:
                         digest([dataset.identity, sorted(wanted)]), dataset.root)
 
 
-def to_arrays(dataset: ImageDataset, size: int, what: str = "this model") -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Decode a whole dataset of `size`x`size` images into uint8 [N, size, size, 3] (+ labels, keys);
-    an unreadable image or another size is an error, never a silent resize."""
+def to_arrays(dataset: ImageDataset, size: int, what: str = "this model", skipped: list[str] | None = None
+              ) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Decode a whole dataset of `size`x`size` images into uint8 [N, size, size, 3] (+ labels, keys); another
+    size is an error, never a silent resize. An unreadable image is an error too, unless `skipped` is given:
+    then it is left out and its message appended there."""
     out = np.zeros((len(dataset), size, size, 3), np.uint8)
+    keep = np.ones(len(dataset), bool)
     for row, im, err in iter_images(dataset):
         key = dataset.keys[row]
         if im is None:
-            raise ConceptlensError(f"unreadable image {key}: {err}")
+            if skipped is None:
+                raise ConceptlensError(f"unreadable image {key}: {err}")
+            skipped.append(err)
+            keep[row] = False
+            continue
         if im.size != (size, size):
             raise ConceptlensError(f"{key} is {im.size[0]}x{im.size[1]}; {what} classifies {size}x{size} images")
         out[row] = np.asarray(im)
-    return out, np.asarray(dataset.labels, dtype=np.int64), list(dataset.keys)
+    if keep.all():
+        return out, np.asarray(dataset.labels, dtype=np.int64), list(dataset.keys)
+    return out[keep], np.asarray(dataset.labels, dtype=np.int64)[keep], [k for k, ok in zip(dataset.keys, keep) if ok]

@@ -4,6 +4,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -11,7 +12,7 @@ import braceexpand
 import numpy as np
 
 from ..errors import ConceptlensError
-from ..io import digest, pick_column, read_rows
+from ..io import digest, pick_column, read_rows, read_text
 from .dataset import IMAGE_EXTS, ImageDataset, Shard, tar_members
 from .exported import SIDE, is_exported, read_metadata
 from .named import FASHION_DIR, NAMED_SETS, named_arrays
@@ -70,7 +71,7 @@ def read_class_file(path: Path) -> tuple[list[str], list[str] | None]:
     """`classes.txt` (one name a line) or `classes.tsv` (id<TAB>name). Returns (names, ids or None)."""
     if not path.exists():
         raise ConceptlensError(f"class file not found: {path}")
-    lines = [ln.rstrip("\n\r") for ln in path.read_text(encoding="utf-8").splitlines()]
+    lines = [ln.rstrip("\n\r") for ln in read_text(path).splitlines()]
     lines = [ln for ln in lines if ln.strip() and not ln.startswith("#")]
     if not lines:
         raise ConceptlensError(f"class file {path} is empty")
@@ -100,14 +101,34 @@ def _beside(root: Path) -> Path | None:
     return None
 
 
+def _norm(name: str) -> str:
+    return " ".join(name.replace("_", " ").replace("-", " ").lower().split())
+
+
 def _apply_class_file(path: Path, ds: ImageDataset, folder_ids: list[str] | None = None) -> list[str]:
+    """Class names from a file. ids (classes.tsv) map folder ids to names; a names-only file is matched to the
+    data's own class names *by name* when it has them (extra names stay as extra candidates, with a warning),
+    and by position only for integer labels without names."""
     names, ids = read_class_file(path)
+    _check_classnames(names, str(path))
     if ids is not None and folder_ids is not None:
         lookup = dict(zip(ids, names))
         missing = [f for f in folder_ids if f not in lookup]
         if missing:
             raise ConceptlensError(f"{path} has no name for {', '.join(missing[:5])}")
         return [lookup[f] for f in folder_ids]
+    if ds.classnames is not None and ids is None:
+        index = {_norm(n): i for i, n in enumerate(names)}
+        unknown = [c for c in ds.classnames if _norm(c) not in index]
+        if unknown:
+            raise ConceptlensError(f"{path} has no class named {', '.join(repr(u) for u in unknown[:5])} "
+                                   f"(the data's classes: {', '.join(ds.classnames[:8])})")
+        remap = np.asarray([index[_norm(c)] for c in ds.classnames], np.int64)
+        ds.labels = np.where(ds.labels >= 0, remap[np.clip(ds.labels, 0, None)], -1)
+        extra = len(names) - len(ds.classnames)
+        if extra:
+            warnings.warn(f"{path}: {extra} class name(s) with no images kept as extra candidates", stacklevel=3)
+        return names
     n_labels = int(ds.labels.max()) + 1 if len(ds.labels) and ds.labels.max() >= 0 else 0
     if n_labels > len(names):
         raise ConceptlensError(f"{path} lists {len(names)} classes but the data has label {n_labels - 1}")
@@ -115,10 +136,13 @@ def _apply_class_file(path: Path, ds: ImageDataset, folder_ids: list[str] | None
 
 
 def file_identity(paths: Sequence[str]) -> str:
+    """Path, size, mtime, ctime and inode of every file: a file replaced by another of the same size with its
+    mtime set back still changes ctime (which no user call can set), so stale features are never served;
+    hashing contents would cost a second read of every image (see README, Feature cache)."""
     parts = []
     for p in paths:
         st = os.stat(p)
-        parts.append((os.path.abspath(p), st.st_size, st.st_mtime_ns))
+        parts.append((os.path.abspath(p), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino))
     return digest(parts)
 
 
@@ -127,10 +151,12 @@ def _folder(root: Path) -> ImageDataset:
     files, labels = [], []
     if subdirs:
         for ci, d in enumerate(subdirs):
-            for f in sorted((root / d).rglob("*")):
-                if f.suffix.lower() in IMAGE_EXTS and f.is_file():
-                    files.append(str(f))
-                    labels.append(ci)
+            found = [str(f) for f in sorted((root / d).rglob("*")) if f.suffix.lower() in IMAGE_EXTS and f.is_file()]
+            if not found:
+                raise ConceptlensError(f"class folder {root / d} has no images (remove it, or list the class in "
+                                       "--classes to keep it as a candidate)")
+            files += found
+            labels += [ci] * len(found)
         classnames = list(subdirs)
     else:
         files = sorted(str(f) for f in root.iterdir() if f.suffix.lower() in IMAGE_EXTS and f.is_file())

@@ -3,8 +3,10 @@ the per-image loop) and dataset evaluation in CLIP_benchmark's layout. The scori
 `strategies`; the denoisers in `conceptlens.models.denoisers`."""
 from __future__ import annotations
 
+import math
 import os
 import time
+import warnings
 from dataclasses import dataclass, field, fields
 from typing import Sequence
 
@@ -106,17 +108,17 @@ class DiffusionClassifier:
 
     def predict(self, images: torch.Tensor, classnames: Sequence[str], templates: Sequence[str],
                 show_progress: bool = True, seeds: Sequence[int] | None = None, engine: Engine | None = None,
-                unit_size: int = 4, device: str | None = None) -> list[dict]:
-        """Classify a batch of images [B,3,H,W] in [-1,1]: here, or on Ray in units of `unit_size` images
-        (results do not depend on where: every image has its own seed). `device`: where the units run (on Ray,
-        the workers' device; default: where the model is)."""
+                unit_size: int | None = None, device: str | None = None) -> list[dict]:
+        """Classify a batch of images [B,3,H,W] in [-1,1]: here, or on Ray in units of `unit_size` images (default:
+        about three units per worker; results do not depend on where: every image has its own seed). `device`:
+        where the units run (on Ray, the workers' device; default: where the model is)."""
         engine = engine or current()
         dev = engine.resolve_device(device) if device is not None else self.model.device
         if not engine.is_ray:
             self.model.to(dev)
         cond = self.prompt_embeddings(classnames, templates).cpu()
         seeds = list(seeds) if seeds is not None else list(range(len(images)))
-        size = unit_size if engine.is_ray else 1
+        size = (unit_size or max(1, math.ceil(len(images) / (3 * engine.worker_count(dev))))) if engine.is_ray else 1
         units = [(images[i:i + size], cond, seeds[i:i + size]) for i in range(0, len(images), size)]
         # this driver's classifier object: a warm worker reuses its copy only for the same object
         key = digest([self.model.name, os.getpid(), id(self), str(dev),
@@ -137,9 +139,11 @@ def classify_unit(clf: DiffusionClassifier, unit: tuple[torch.Tensor, torch.Tens
     return [clf.classify_one(im, cond, s) for im, s in zip(images, seeds)]
 
 
-def image_tensors(dataset: ImageDataset, size: int) -> tuple[torch.Tensor, np.ndarray, list[str]]:
-    """A dataset as [-1,1] tensors [N,3,size,size]; other sizes are an error, not a silent resize."""
-    arr, labels, keys = to_arrays(dataset, size)
+def image_tensors(dataset: ImageDataset, size: int, skipped: list[str] | None = None
+                  ) -> tuple[torch.Tensor, np.ndarray, list[str]]:
+    """A dataset as [-1,1] tensors [N,3,size,size]; other sizes are an error, not a silent resize; unreadable
+    images are left out into `skipped` when it is given."""
+    arr, labels, keys = to_arrays(dataset, size, skipped=skipped)
     return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous().float() / 127.5 - 1, labels, keys  # NCHW, as the UNet expects
 
 
@@ -153,7 +157,12 @@ def evaluate(clf: DiffusionClassifier, dataset: ImageDataset, templates: Sequenc
     """Zero-shot evaluation in CLIP_benchmark's layout plus denoiser evaluations per image."""
     if not dataset.labelled:
         raise ConceptlensError(f"{dataset.name} is unlabelled: accuracy needs labels")
-    x, y, keys = image_tensors(dataset, clf.model.image_size)
+    skipped: list[str] = []
+    x, y, keys = image_tensors(dataset, clf.model.image_size, skipped)
+    for msg in skipped:
+        warnings.warn(f"skipped {msg}", stacklevel=2)
+    if not len(keys):
+        raise ConceptlensError(f"no readable images in {dataset.name}")
     tmpl = list(templates or default_templates(clf.model))
     t0 = time.perf_counter()
     out = clf.predict(x, dataset.classnames, tmpl, show_progress=show_progress, engine=engine, device=device)
@@ -167,7 +176,7 @@ def evaluate(clf: DiffusionClassifier, dataset: ImageDataset, templates: Sequenc
     res = result_json(dataset.name, clf.model.name, "zeroshot_classification", m)
     res.update({"strategy": clf.strategy, "loss": clf.loss, "target": clf.target, "templates": tmpl,
                 "precision": resolve_precision(clf.precision, dev), "device": str(dev),
-                "n_images": len(out), "classnames": list(dataset.classnames),
+                "n_images": len(out), "n_skipped": len(skipped), "skipped": skipped, "classnames": list(dataset.classnames),
                 "predictions": [{"key": k, "pred": o["pred"], "evals": o["evals"]} for k, o in zip(keys, out)]})
     res["_scores"] = scores  # for reports; dropped when written
     return res

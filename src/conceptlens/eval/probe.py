@@ -106,6 +106,9 @@ def linear_probe(model: Encoder, train: ImageDataset | Features, test: ImageData
     ftr, fte = as_features(model, train, **embed_kw), as_features(model, test, **embed_kw)
     if not ftr.labelled_ok or not fte.labelled_ok:
         raise ConceptlensError("a linear probe needs labelled train and test data")
+    if list(ftr.classnames) != list(fte.classnames):
+        raise ConceptlensError(f"train and test have different classes ({', '.join(ftr.classnames[:5])} ... vs "
+                               f"{', '.join(fte.classnames[:5])} ...): a probe scores only the classes it was fit on")
     probe = LinearProbe().fit(ftr.X, ftr.labels)
     m = metrics(probe.decision_function(fte.X), fte.labels)
     return result_json(fte.dataset, model.name, "linear_probe",

@@ -6,6 +6,7 @@ logits = 100 * normalise(image) @ classes.T.
 """
 from __future__ import annotations
 
+import string
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -13,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConceptlensError
+from ..io import read_text
 from ..models import Encoder
 from .metrics import metrics, result_json
 
@@ -40,11 +42,18 @@ def load_templates(spec: str | Sequence[str] | None) -> list[str]:
         path = Path(spec)
         if not path.exists():
             raise ConceptlensError(f"templates: {spec!r} is not openai, simple or an existing file")
-        out = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        out = [ln.strip() for ln in read_text(path).splitlines() if ln.strip()]
     out = [t.replace("{}", "{c}") for t in out]
     bad = [t for t in out if "{c}" not in t]
     if not out or bad:
         raise ConceptlensError(f"templates need a {{c}} (or {{}}) where the class name goes: {bad[:1] or 'empty list'}")
+    for t in out:
+        try:
+            fields = {f for _, f, _, _ in string.Formatter().parse(t) if f is not None}
+        except ValueError as exc:
+            raise ConceptlensError(f"template {t!r}: {exc} (write a literal brace as {{{{ or }}}})") from None
+        if fields != {"c"}:
+            raise ConceptlensError(f"template {t!r} has fields {sorted(fields - {'c'})}: only {{c}} is filled in")
     return out
 
 

@@ -282,8 +282,10 @@ def run_falcon(model: Encoder, data: ImageDataset, vl_model: Encoder, features: 
         if not groups:
             raise ConceptlensError(f"no feature group has more than 10 images at k={k}; lower k")
         targets = [{"features": g["features"]} for g in groups]
-    bank = CaptionBankIndex.build(vl_model, banks)
     R = np.asarray(feats.X)
+    for t in targets:  # bad indices or widths fail here, before the caption bank is built
+        target_values(R, t.get("features"), t.get("direction"))
+    bank = CaptionBankIndex.build(vl_model, banks)
     results = []
     for t in targets:
         res = explain(R, data, feats.keys, model, vl_model, bank, features=t.get("features"),

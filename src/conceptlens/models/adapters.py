@@ -36,6 +36,10 @@ class OpenCLIPModel(Encoder):
         if arch not in open_clip.list_models():
             raise ConceptlensError(f"unknown open_clip architecture {arch!r}{did_you_mean(arch, open_clip.list_models())}")
         torch.manual_seed(0)  # "random" weights are the same on every load (and so is the cache key)
+        cfg = open_clip.get_pretrained_cfg(arch, tag) if tag != "random" else {}
+        if cfg and not cfg.get("hf_hub") and cfg.get("url"):  # URL-only weights: open_clip would fetch them itself
+            if not os.path.isfile(os.path.join(os.path.expanduser("~/.cache/clip"), os.path.basename(cfg["url"]))):
+                raise not_cached(self.name, FileNotFoundError(cfg["url"]))
         try:
             self.model, _, self.preprocess = open_clip.create_model_and_transforms(
                 arch, pretrained=None if tag == "random" else tag)
@@ -136,6 +140,14 @@ def torchvision_model(name: str, tag: str | None, layer: str | None) -> VisionTo
         raise ConceptlensError(f"unknown torchvision model {name!r}{did_you_mean(name, models.list_models())}")
     torch.manual_seed(0)
     weights = None if tag == "random" else (tag or "DEFAULT")
+    if weights is not None:  # torchvision downloads missing weights: only load what is already on disk
+        try:
+            enum = models.get_model_weights(name)
+            w = enum.DEFAULT if weights == "DEFAULT" else enum[weights]
+        except (KeyError, ValueError):
+            raise ConceptlensError(f"torchvision:{name} has no weights {weights!r}") from None
+        if not os.path.isfile(os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(w.url))):
+            raise not_cached(f"torchvision:{name}", FileNotFoundError(w.url))
     try:
         net = models.get_model(name, weights=weights)
     except Exception as exc:  # noqa: BLE001

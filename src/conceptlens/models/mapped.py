@@ -38,11 +38,20 @@ class LinearMap:
         if not path.exists():
             raise ConceptlensError(f"aligner file not found: {path}")
         meta = read_safetensors_meta(path)
-        t = load_file(str(path))
+        try:
+            t = load_file(str(path))
+        except Exception as exc:  # noqa: BLE001 - safetensors raises several types for a damaged file
+            raise ConceptlensError(f"cannot read aligner {path}: {exc}") from None
         if "W" not in t or "b" not in t:
             raise ConceptlensError(f"{path} is not an aligner file (no W, b)")
-        return cls(t["W"].float().numpy(), t["b"].float().numpy(), meta | {"path": str(path),
-                                                                          "sha": file_sha256(path)[:16]})
+        W, b = t["W"].float().numpy(), t["b"].float().numpy()
+        if W.ndim != 2 or b.shape != (W.shape[0],):
+            raise ConceptlensError(f"{path}: W {tuple(W.shape)} and b {tuple(b.shape)} do not make a linear map")
+        if not (np.isfinite(W).all() and np.isfinite(b).all()):
+            raise ConceptlensError(f"{path}: the map contains NaN or inf values")
+        if not isinstance(meta.get("source"), str) or not isinstance(meta.get("target"), str):
+            raise ConceptlensError(f"{path}: aligner metadata lacks its source and target models")
+        return cls(W, b, meta | {"path": str(path), "sha": file_sha256(path)[:16]})
 
     def save(self, path: Path | str) -> Path:
         return save_safetensors(path, {"W": torch.from_numpy(self.W), "b": torch.from_numpy(self.b)}, self.meta)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import base64
 import io
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -45,14 +46,22 @@ def _plt():
     """matplotlib's pyplot on the Agg backend (heavy: imported on the first figure)."""
     import matplotlib
     matplotlib.use("Agg")
+    matplotlib.rcParams["text.parse_math"] = False  # class or concept names with "$" are text, never mathtext
     import matplotlib.pyplot as plt
     return plt
 
 
-def fig_b64(fig) -> str:
+def fig_b64(fig) -> str | None:
+    """A figure as base64 PNG; a figure that fails to render is left out of the report (with a warning),
+    never allowed to take the results down with it."""
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    _plt().close(fig)
+    try:
+        fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    except Exception as exc:  # noqa: BLE001 - plotting is optional; results are already written
+        warnings.warn(f"a figure could not be drawn and is left out: {type(exc).__name__}: {exc}", stacklevel=2)
+        return None
+    finally:
+        _plt().close(fig)
     return base64.b64encode(buf.getvalue()).decode()
 
 

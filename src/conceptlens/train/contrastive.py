@@ -103,6 +103,7 @@ class HeadTrainer:
     accum_steps: int = 1
     seed: int = 0
     checkpoint: Path | None = None
+    fingerprint: str = ""  # of the run (config + data): a checkpoint is resumed only when it matches
     ckpt_every: int = 0
     stop_after: int | None = None  # stop (checkpointed) after this many steps: for resume tests and time limits
     device: str = "cpu"  # where the steps run; the heads come back on the CPU
@@ -139,6 +140,9 @@ class HeadTrainer:
         start = 0
         if self.checkpoint is not None and Path(self.checkpoint).exists():
             meta = load_checkpoint(Path(self.checkpoint), modules, opt)
+            if meta.get("fingerprint", "") != self.fingerprint:
+                raise ConceptlensError(f"{self.checkpoint} belongs to another run (its config or data differ): "
+                                       "use --overwrite to start again, or another --out")
             start, self.history_ = meta["step"], meta.get("history", [])
         views, text_feats = to_device(torch.stack(image_views), dev), to_device(text_feats, dev)
         bar = progress(total=total, initial=start, desc="contrastive training", unit="step", leave=False)
@@ -164,7 +168,8 @@ class HeadTrainer:
                 self.history_.append({"step": step, "loss": loss, "logit_scale": temp().item()})
                 bar.set_postfix(loss=f"{loss:.3f}")
             if self.checkpoint is not None and (self.ckpt_every and (step + 1) % self.ckpt_every == 0 or step + 1 == end):
-                save_checkpoint(Path(self.checkpoint), modules, opt, {"step": step + 1, "history": self.history_})
+                save_checkpoint(Path(self.checkpoint), modules, opt, {"step": step + 1, "history": self.history_,
+                                                                     "fingerprint": self.fingerprint})
         bar.close()
         image_head.cpu()
         text_head.cpu()

@@ -35,7 +35,7 @@ def image_array(spec: str) -> tuple[np.ndarray, np.ndarray, list[str], dict]:
     if not path.exists():
         atomic_save_npy(path, to_arrays(ds, 32, "the embedded denoiser")[0])
     files = sorted({sh.source for sh in ds.shards})
-    prov = {"data": spec, "n_images": len(ds),
+    prov = {"data": spec, "n_images": len(ds), "identity": ds.identity,
             "data_sha256": {Path(f).name: file_sha256(Path(f)) for f in files if Path(f).is_file()}}
     return np.load(path, mmap_mode="r"), ds.labels, list(ds.classnames), prov
 
@@ -58,13 +58,16 @@ def lr_at(step: int, base: float, warmup: int) -> float:
 def train_diffusion(data: str, out: Path, steps: int = 6000, batch_size: int = 64, lr: float = 2e-4,
                     seed: int = 0, threads: int | None = None, ckpt_every: int = 100, cond_dropout: float = 0.1,
                     ema_decay: float = 0.9995, export: Path | None = None, command: str = "",
-                    device: str | torch.device = "cpu", precision: str = "auto") -> dict:
+                    device: str | torch.device = "cpu", precision: str = "auto", overwrite: bool = False) -> dict:
     """Train (or resume) to `steps` on `device`; checkpoint every `ckpt_every` steps and on Ctrl-C/SIGTERM;
     export EMA weights. All randomness is drawn on the CPU from (seed, step), so devices see the same batches."""
     if steps < 1 or batch_size < 1 or ckpt_every < 1:
         raise ConceptlensError("steps, batch size and checkpoint interval must be positive")
     dev = resolve_device(device)
     precision = resolve_precision(precision, dev)
+    if overwrite:
+        for f in ("checkpoint.safetensors", "log.csv"):
+            (Path(out) / f).unlink(missing_ok=True)
     prev_threads = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
@@ -78,8 +81,8 @@ def train_diffusion(data: str, out: Path, steps: int = 6000, batch_size: int = 6
 def _train(data: str, out: Path, steps: int, batch_size: int, lr: float, seed: int, ckpt_every: int,
            cond_dropout: float, ema_decay: float, export: Path | None, command: str, dev: torch.device,
            precision: str) -> dict:
+    images, labels, classnames, prov = image_array(data)  # bad data fails before anything is written
     out.mkdir(parents=True, exist_ok=True)
-    images, labels, classnames, prov = image_array(data)
     texts, owner = caption_bank(classnames)
     text_emb = TinyDiffusion.encode_prompts(texts).cpu()
     by_class = [np.flatnonzero(owner == c) for c in range(len(classnames))]
@@ -94,8 +97,11 @@ def _train(data: str, out: Path, steps: int, batch_size: int, lr: float, seed: i
     start = 0
     if ckpt.exists():
         meta = load_checkpoint(ckpt, {"unet": unet, "ema": ema}, opt)
-        if {k: meta["config"][k] for k in ("batch_size", "lr", "seed")} != {k: config[k] for k in ("batch_size", "lr", "seed")}:
-            raise ConceptlensError(f"{ckpt} was trained with other settings ({meta['config']}); use another --out")
+        same = ("batch_size", "lr", "seed", "cond_dropout", "ema_decay")
+        if {k: meta["config"].get(k) for k in same} != {k: config[k] for k in same} or \
+                meta["config"].get("data_provenance", {}).get("identity") != prov["identity"]:
+            raise ConceptlensError(f"{ckpt} belongs to another run (settings or data differ): use --overwrite to "
+                                   "start again, or another --out")
         start = meta["step"]
     sched = model.scheduler
     alphas = sched.alphas_cumprod.float().to(dev)
