@@ -18,11 +18,12 @@ ROOT = Path(__file__).resolve().parents[1]
 def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "counts.json"
-        r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_bad_input.py",
+        r = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "tests/test_bad_input.py",
                             "tests/test_faults.py"], cwd=ROOT, env=dict(os.environ, CONCEPTLENS_RELIABILITY_OUT=str(out)),
                            capture_output=True, text=True)
         counts = json.loads(out.read_text()) if out.exists() else {}
-    summary = r.stdout.strip().splitlines()[-1] if r.stdout.strip() else r.stderr[-300:]
+    summary = next((ln.strip("= ") for ln in reversed(r.stdout.splitlines()) if " passed" in ln or " failed" in ln),
+                   r.stderr[-300:])
     bad, faults = counts.get("bad_input", {}), counts.get("faults", {})
     rows = [["measure", "count"], ["bad-input cases", bad.get("cases", 0)], ["clean one-line errors", bad.get("clean_errors", 0)],
             ["defects", len(bad.get("defects", []))], ["cache faults", faults.get("cache_faults", 0)],

@@ -45,6 +45,15 @@ def _cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("CONCEPTLENS_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
 
 
+def write_reliability(section: str, record: dict) -> None:
+    """Add a test module's counts to CONCEPTLENS_RELIABILITY_OUT (set by benchmarks/reliability.py)."""
+    out = os.environ.get("CONCEPTLENS_RELIABILITY_OUT")
+    if out:
+        path = Path(out)
+        prev = json.loads(path.read_text()) if path.exists() else {}
+        path.write_text(json.dumps(prev | {section: record}, indent=2))
+
+
 def shared(rel: str) -> Path:
     p = SHARED / rel
     if not p.exists():

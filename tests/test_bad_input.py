@@ -17,7 +17,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from conceptlens.cli import main
-from conftest import two_class_folder
+from conftest import two_class_folder, write_reliability
 
 RECORD: dict = {"cases": 0, "clean_errors": 0, "defects": []}
 
@@ -25,11 +25,7 @@ RECORD: dict = {"cases": 0, "clean_errors": 0, "defects": []}
 @pytest.fixture(scope="module", autouse=True)
 def _report():
     yield
-    out = os.environ.get("CONCEPTLENS_RELIABILITY_OUT")
-    if out:
-        path = Path(out)
-        prev = json.loads(path.read_text()) if path.exists() else {}
-        path.write_text(json.dumps(prev | {"bad_input": RECORD}, indent=2))
+    write_reliability("bad_input", RECORD)
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from conceptlens.data import load_dataset
 from conceptlens.features import cache_key, embed, embed_texts
 from conceptlens.io import cache_dir, digest
 from conceptlens.models import load_model
-from conftest import two_class_folder
+from conftest import two_class_folder, write_reliability
 
 RECORD = {"cache_faults": 0, "cache_faults_recovered": 0, "kills": 0, "kills_survived": 0, "concurrency_runs": 0,
           "concurrency_ok": 0}
@@ -27,11 +27,7 @@ RECORD = {"cache_faults": 0, "cache_faults_recovered": 0, "kills": 0, "kills_sur
 @pytest.fixture(scope="module", autouse=True)
 def _report():
     yield
-    out = os.environ.get("CONCEPTLENS_RELIABILITY_OUT")
-    if out:
-        path = Path(out)
-        prev = json.loads(path.read_text()) if path.exists() else {}
-        path.write_text(json.dumps(prev | {"faults": RECORD}, indent=2))
+    write_reliability("faults", RECORD)
 
 
 @pytest.fixture(scope="module")
