@@ -44,11 +44,17 @@ def timed(fn):
     return out, time.perf_counter() - t
 
 
-def run_cli(args: list[str]) -> tuple[int, float]:
-    with contextlib.redirect_stdout(io.StringIO()):
+def run_cli(args: list[str]) -> tuple[int, float, str]:
+    """rc, seconds and the last stderr line of one command run in this process."""
+    err = io.StringIO()
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
         t = time.perf_counter()
-        rc = cli(args)
-    return rc, time.perf_counter() - t
+        try:
+            rc = cli(args)
+        except SystemExit as exc:
+            rc = exc.code
+    lines = [ln for ln in err.getvalue().splitlines() if ln.strip() and "Loading" not in ln]
+    return rc, time.perf_counter() - t, lines[-1][:200] if lines else ""
 
 
 def main() -> None:
@@ -62,7 +68,8 @@ def main() -> None:
     checks, rows = {}, [["verb", "check", "value", "pass", f"{dev.type} s", "cpu s"]]
 
     def record(verb, check, value, ok, t_dev, t_cpu):
-        checks[verb] = {"check": check, "value": value, "pass": bool(ok), "seconds_device": t_dev, "seconds_cpu": t_cpu}
+        ok = bool(ok)
+        checks[verb] = {"check": check, "value": value, "pass": ok, "seconds_device": t_dev, "seconds_cpu": t_cpu}
         rows.append([verb, check, f"{value:.6f}" if isinstance(value, float) else value, ok, f"{t_dev:.1f}", f"{t_cpu:.1f}"])
 
     # embed + zeroshot (API: features and predictions side by side)
@@ -107,23 +114,24 @@ def main() -> None:
             "diagnose": ["diagnose", "--model", "builtin:lite-clip", "--data-a", str(val), "--data-b", str(cifar)],
             "search": ["search", "dog & !grass", "--model", "builtin:lite-clip", "--data", str(val)],
             "decode": ["decode", "--model", "builtin:lite-clip", "--data", str(val), "--captions", str(bank)],
-            "explain": ["explain", "--model", "builtin:efficientnet-lite0", "--data", str(val), "--top-groups", "1",
-                        "--captions", str(bank), "--k", "3"],
+            "explain": ["explain", "--model", "builtin:efficientnet-lite0", "--data", str(val), "--features", "0,1,2",
+                        "--top-n", "20", "--captions", str(bank)],
         }
         for verb, args in verbs.items():
             out = {}
-            for d in ("cpu", str(dev)):
-                extra = {"align": ["--out", str(tmp / f"al-{d}.safetensors")],
-                         "linear-probe": ["--output", str(tmp / f"lp-{d}.json")],
-                         "decode": ["--output", str(tmp / f"dec-{d}.json")]}.get(verb, ["--report", str(tmp / f"{verb}-{d}")])
-                out[d] = run_cli(args + common + ["--device", d] + extra)
-            ok = out["cpu"][0] == 0 and out[str(dev)][0] == 0
-            value = "ran on both"
+            for side, d in (("cpu", "cpu"), ("dev", str(dev))):
+                extra = {"align": ["--out", str(tmp / f"al-{side}.safetensors")],
+                         "linear-probe": ["--output", str(tmp / f"lp-{side}.json")],
+                         "decode": ["--output", str(tmp / f"dec-{side}.json")]}.get(
+                    verb, ["--report", str(tmp / f"{verb}-{side}")])
+                out[side] = run_cli(args + common + ["--device", d] + extra)
+            ok = out["cpu"][0] == 0 and out["dev"][0] == 0
+            value = "ran on both" if ok else f"rc {out['cpu'][0]}/{out['dev'][0]}: {out['dev'][2] or out['cpu'][2]}"
             if verb == "linear-probe" and ok:
-                a, b = (json.loads((tmp / f"lp-{d}.json").read_text())["metrics"]["lp_acc1"] for d in ("cpu", str(dev)))
+                a, b = (json.loads((tmp / f"lp-{side}.json").read_text())["metrics"]["lp_acc1"] for side in ("cpu", "dev"))
                 value, ok = abs(a - b), abs(a - b) <= 0.01
             record(verb, "runs; probe acc1 within 0.01" if verb == "linear-probe" else "runs on the device", value, ok,
-                   out[str(dev)][1], out["cpu"][1])
+                   out["dev"][1], out["cpu"][1])
 
         # training: a few steps on each device, the losses compared
         pairs, _ = read_flickr8k(data / "flickr8k")
@@ -135,13 +143,14 @@ def main() -> None:
                            ("train diffusion", ["train", "diffusion", "--data", str(cifar), "--steps", "10",
                                                 "--ckpt-every", "10"])):
             res = {}
-            for d in ("cpu", str(dev)):
-                o = tmp / f"{verb.replace(' ', '-')}-{d}"
+            for side, d in (("cpu", "cpu"), ("dev", str(dev))):
+                o = tmp / f"{verb.replace(' ', '-')}-{side}"
                 extra = ["--out", str(o)] + (["--export", str(o / "w.safetensors"), "--precision", "fp32"]
                                               if verb == "train diffusion" else [])
-                res[d] = run_cli(base + extra + ["--device", d]) + (o,)
+                res[side] = run_cli(base + extra + ["--device", d])
             ok = all(r[0] == 0 for r in res.values())
-            record(verb, "runs on the device", "ran on both" if ok else "failed", ok, res[str(dev)][1], res["cpu"][1])
+            record(verb, "runs on the device", "ran on both" if ok else f"failed: {res['dev'][2] or res['cpu'][2]}", ok,
+                   res["dev"][1], res["cpu"][1])
 
     print(table_text(rows))
     save("device_check", {"device": str(dev), "device_name": device_name(dev), "accelerator": dev.type != "cpu",

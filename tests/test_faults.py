@@ -165,3 +165,58 @@ def test_a_full_disk_is_one_line_and_nothing_is_marked_complete(tmp_path, capsys
         assert not list(mnt.rglob("meta.json"))
     finally:
         subprocess.run(["umount", str(mnt)], capture_output=True)
+
+
+def _kill_when(cmd: list[str], ready, timeout: float = 180) -> None:
+    """Run `cmd`, SIGKILL it once `ready()` holds (or it ends)."""
+    proc = subprocess.Popen(cmd, env=dict(os.environ, CONCEPTLENS_QUIET="1"), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None and not ready():
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+
+
+def _ckpt_step(path: Path) -> int:
+    from conceptlens.io import read_safetensors_meta
+    try:
+        return int(read_safetensors_meta(path)["step"]) if path.exists() else 0
+    except Exception:  # noqa: BLE001 - being written
+        return 0
+
+
+def test_a_killed_train_diffusion_resumes_to_identical_weights(tmp_path, cifar_like):
+    from safetensors.torch import load_file
+    base = [sys.executable, "-m", "conceptlens.cli.main", "train", "diffusion", "--data", str(cifar_like), "--batch-size",
+            "4", "--ckpt-every", "1", "--threads", "1", "--precision", "fp32"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    _kill_when(base + ["--steps", "6", "--out", str(a), "--export", str(tmp_path / "a.st")],
+               lambda: _ckpt_step(a / "checkpoint.safetensors") >= 2)
+    RECORD["kills"] += 1
+    assert 2 <= _ckpt_step(a / "checkpoint.safetensors") < 6
+    for out, exp in ((a, "a.st"), (b, "b.st")):
+        assert main(base[3:] + ["--steps", "6", "--out", str(out), "--export", str(tmp_path / exp)]) == 0
+    wa, wb = load_file(str(tmp_path / "a.st")), load_file(str(tmp_path / "b.st"))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    RECORD["kills_survived"] += 1
+
+
+def test_a_killed_train_clip_resumes_to_identical_heads(tmp_path, image_folder):
+    from safetensors.torch import load_file
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text("path,caption\n" + "".join(f"{p},a {p.parent.name} square number {i}\n"
+                                                for i, p in enumerate(sorted(image_folder.rglob("*.png")))))
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'data = "{pairs}"\nepochs = 60\nbatch_size = 4\nckpt_every = 1\nembed_dim = 16\n')
+    base = [sys.executable, "-m", "conceptlens.cli.main", "train", "clip", "--config", str(cfg)]
+    a = tmp_path / "a"
+    _kill_when(base + ["--out", str(a)], lambda: _ckpt_step(a / "checkpoint.safetensors") >= 20)
+    RECORD["kills"] += 1
+    done = _ckpt_step(a / "checkpoint.safetensors")
+    assert 20 <= done < 180 and not (a / "model.safetensors").exists()
+    assert main(base[3:] + ["--out", str(a)]) == 0
+    assert main(base[3:] + ["--out", str(tmp_path / "b")]) == 0
+    ha, hb = load_file(str(a / "model.safetensors")), load_file(str(tmp_path / "b" / "model.safetensors"))
+    assert all(torch.equal(ha[k], hb[k]) for k in ha)
+    RECORD["kills_survived"] += 1
