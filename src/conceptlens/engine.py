@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 
 from .errors import ConceptlensError
-from .runtime import resolve_device
+from .runtime import parse_device, resolve_device
 
 ENGINES = ("local", "ray")
 _CURRENT: contextvars.ContextVar["Engine | None"] = contextvars.ContextVar("conceptlens_engine", default=None)
@@ -67,10 +67,7 @@ class Engine:
         spec = (spec or "cpu").strip().lower()
         if spec == "auto":
             return torch.device("cuda" if connect(self.address).cluster_resources().get("GPU", 0) else "cpu")
-        try:
-            return torch.device(spec)
-        except (RuntimeError, ValueError):
-            raise ConceptlensError(f"unknown device {spec!r}: use auto, cpu, cuda, cuda:N or mps") from None
+        return parse_device(spec)
 
     def worker_count(self, device: torch.device | str = "cpu") -> int:
         """How many units run at once: 1 locally; on Ray `workers`, else one per CPU (per GPU on CUDA)."""

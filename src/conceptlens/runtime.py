@@ -29,10 +29,7 @@ def resolve_device(spec: str | torch.device | None = "cpu") -> torch.device:
     spec = (spec or "cpu").strip().lower()
     if spec == "auto":
         return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    try:
-        dev = torch.device(spec)
-    except (RuntimeError, ValueError):
-        raise ConceptlensError(f"unknown device {spec!r}: use auto, cpu, cuda, cuda:N or mps") from None
+    dev = parse_device(spec)
     if dev.type == "cpu":
         return dev
     if dev.type == "cuda":
@@ -47,6 +44,14 @@ def resolve_device(spec: str | torch.device | None = "cpu") -> torch.device:
             raise ConceptlensError(f"--device {spec}: Apple MPS is not available here; use --device cpu or auto")
         return dev
     raise ConceptlensError(f"unsupported device {spec!r}: use auto, cpu, cuda, cuda:N or mps")
+
+
+def parse_device(spec: str) -> torch.device:
+    """A device spec as a torch device, without checking that it exists here (Ray workers check their own)."""
+    try:
+        return torch.device(spec.strip().lower())
+    except (RuntimeError, ValueError):
+        raise ConceptlensError(f"unknown device {spec!r}: use auto, cpu, cuda, cuda:N or mps") from None
 
 
 @functools.lru_cache(maxsize=1)
