@@ -123,6 +123,7 @@ CASES = {
     "--limit 0": ["embed", *M, D, "IMGS", "--limit", "0"],
     "--limit -1": ["embed", *M, D, "IMGS", "--limit", "-1"],
     "--limit abc": ["embed", *M, D, "IMGS", "--limit", "abc"],
+    "--identity bogus": ["embed", *M, D, "IMGS", "--identity", "mtime"],
     "--batch-size 0": ["embed", *M, D, "IMGS", "--batch-size", "0"],
     # class files
     "class file missing": ["embed", *M, D, "IMGS", "--classes", "/nonexistent/classes.txt"],

@@ -94,7 +94,7 @@ def test_training_resumes_exactly(tmp_path, cifar_like):
     assert model.meta["step"] == 4 and model.meta["train_config"]["data_provenance"]["n_images"] == 12
     with pytest.raises(ConceptlensError, match="another run"):
         train_diffusion(str(cifar_like), tmp_path / "a", steps=5, lr=1e-3, **kw)
-    (cifar_like / "cat" / "0.png").touch()  # other data (a file changed) is another run too
+    (cifar_like / "cat" / "0.png").write_bytes((cifar_like / "ship" / "0.png").read_bytes())  # other data: another run
     with pytest.raises(ConceptlensError, match="--overwrite"):
         train_diffusion(str(cifar_like), tmp_path / "a", steps=5, **kw)
     res = train_diffusion(str(cifar_like), tmp_path / "a", steps=1, overwrite=True, export=tmp_path / "c.safetensors", **kw)

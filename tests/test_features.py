@@ -26,10 +26,42 @@ def test_second_run_is_cache_hit(image_folder):
     a = embed(model, load_dataset(image_folder), precision="fp32")
     b = embed(model, load_dataset(image_folder), precision="fp32")
     assert not a.cache_hit and b.cache_hit and np.array_equal(np.asarray(a.X), np.asarray(b.X))
-    # touching a file changes the data identity: no stale hit
     f = next(image_folder.rglob("*.png"))
+    # the content identity ignores a touch; the stat identity does not
     os.utime(f, ns=(time.time_ns(), time.time_ns() + 10**9))
-    assert not embed(model, load_dataset(image_folder), precision="fp32").cache_hit
+    assert embed(model, load_dataset(image_folder), precision="fp32").cache_hit
+    assert not embed(model, load_dataset(image_folder, identity="stat"), precision="fp32").cache_hit
+    assert embed(model, load_dataset(image_folder, identity="stat"), precision="fp32").cache_hit
+
+def test_a_same_size_replacement_with_its_mtime_set_back_is_never_served_stale(tmp_path):
+    model = load_model(TINY)
+    d = tmp_path / "bmp" / "c"
+    d.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)).save(d / f"{i}.bmp")
+    for identity in ("content", "stat"):
+        assert embed(model, load_dataset(tmp_path / "bmp", identity=identity), precision="fp32").X is not None
+    f, other = d / "0.bmp", d / "2.bmp"
+    st = os.stat(f)
+    f.write_bytes(other.read_bytes())  # BMPs of one size: same byte count
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert os.stat(f).st_size == st.st_size and os.stat(f).st_mtime_ns == st.st_mtime_ns
+    for identity in ("content", "stat"):
+        c = embed(model, load_dataset(tmp_path / "bmp", identity=identity), precision="fp32")
+        assert not c.cache_hit and np.array_equal(np.asarray(c.X)[0], np.asarray(c.X)[2])
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    from conceptlens.data import decode_image
+    arr = np.zeros((20, 40, 3), np.uint8)
+    arr[:, :20] = 255  # white left half of a 40x20 landscape
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display": a phone held upright
+    Image.fromarray(arr).save(tmp_path / "p.jpg", exif=exif.tobytes(), quality=95)
+    im = np.asarray(decode_image(str(tmp_path / "p.jpg")))
+    assert im.shape[:2] == (40, 20)  # upright: portrait
+    assert im[:18].mean() > 200 and im[22:].mean() < 50  # the white half is now on top
 
 
 def test_features_match_plain_preprocess_loop(image_folder):

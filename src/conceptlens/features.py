@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torchvision import transforms as T
 
-from .data import ImageDataset, Shard, iter_shard
+from .data import DECODE_VERSION, ImageDataset, Shard, iter_shard
 from .data.exported import SIDE, read_embeddings, read_metadata, write_exported
 from .engine import Engine, current
 from .errors import ConceptlensError
@@ -138,7 +138,7 @@ class ImageBatcher:
 
 def cache_key(model: Encoder, dataset: ImageDataset, precision: str, device: torch.device | None = None) -> str:
     return digest([model.image_model, model.image_fingerprint, model.preprocess_id(), model.layer, precision, dataset.identity,
-                   dataset.keys[:1], len(dataset), *cache_tag(device or torch.device("cpu"))])
+                   dataset.keys[:1], len(dataset), DECODE_VERSION, *cache_tag(device or torch.device("cpu"))])
 
 
 def encode_batch(model: Encoder, x: torch.Tensor, precision: str) -> torch.Tensor:
@@ -556,21 +556,22 @@ def embed_text_chunk(model: Encoder, chunk: tuple[list[str], int]) -> np.ndarray
 def embed_texts(model: Encoder, texts: Sequence[str], batch_size: int = 512, use_cache: bool = True,
                 device: str | torch.device | None = None, engine: Engine | None = None,
                 show_progress: bool = True, batches_per_chunk: int = 8) -> torch.Tensor:
-    """Text embeddings [N, D] (on the CPU) through the cache: caption banks are embedded once per model.
+    """Text embeddings [N, D] (on the CPU) through the cache, keyed on the text tower (`Encoder.text_model` and
+    `text_fingerprint`): a caption bank is embedded once per text tower, whatever aligner or image model is in front.
 
-    Long lists go chunk by chunk (whole batches, so results do not depend on chunking) into a resumable
-    store: a killed run, local or Ray, redoes only unfinished chunks."""
+    Lists longer than a batch go batch by batch (chunks of whole batches on Ray, so results do not depend on
+    chunking) into a resumable store, with progress: a killed run, local or Ray, redoes only unfinished batches."""
     texts = list(texts)
     engine = engine or current()
     dev = engine.resolve_device(device) if device is not None else model.device
     if not engine.is_ray:
         model.to(dev)
-    span = batch_size * batches_per_chunk
+    span = batch_size * (batches_per_chunk if engine.is_ray else 1)  # here: one batch per unit, resumable and shown
     starts = list(range(0, len(texts), span))
     far = engine.is_ray and len(starts) > 1  # a handful of prompts runs here: a Ray round trip would cost more
     if not far:
         dev = model.device
-    key = digest([model.name, model.fingerprint, texts, *cache_tag(dev)])
+    key = digest([model.text_model, model.text_fingerprint, texts, *cache_tag(dev)])
     path = cache_dir("text") / f"{key}.npy"
     if use_cache and path.exists():
         try:
@@ -601,7 +602,7 @@ def embed_texts(model: Encoder, texts: Sequence[str], batch_size: int = 512, use
                            disable=not show_progress or None, leave=False)
             bar.update(int((store.state == DONE).sum()))
             try:
-                for i, X in engine.map(embed_text_chunk, model, f"{model.name}:{model.fingerprint}:{dev}", units, dev):
+                for i, X in engine.map(embed_text_chunk, model, f"{model.text_model}:{model.text_fingerprint}:{dev}", units, dev):
                     store.write(np.arange(todo[i], todo[i] + len(X)), X)
                     bar.update(len(X))
             finally:

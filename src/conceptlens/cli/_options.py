@@ -22,6 +22,12 @@ def add_data(p: argparse.ArgumentParser, flag: str = "--data", required: bool = 
     p.add_argument(flag, required=required, help="folder, tar shards (brace/glob), CSV/JSONL, or a named set")
     p.add_argument("--classes", help="class names file (classes.txt or classes.tsv)")
     p.add_argument("--limit", type=positive, help="evenly spaced subset of N images")
+    add_identity(p)
+
+
+def add_identity(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--identity", default="content", choices=["content", "stat"],
+                   help="feature cache key: hash of the files' bytes, or path+size+times+inode for very large sets")
 
 
 def add_train_test(p: argparse.ArgumentParser) -> None:
@@ -29,6 +35,7 @@ def add_train_test(p: argparse.ArgumentParser) -> None:
     p.add_argument("--test", required=True, help="labelled test images")
     p.add_argument("--classes", help="class names file (classes.txt or classes.tsv)")
     p.add_argument("--limit", type=positive, help="evenly spaced subset of N images of each")
+    add_identity(p)
 
 
 def add_device(p: argparse.ArgumentParser, engine: bool = True) -> None:
@@ -69,6 +76,7 @@ def command(sub, name: str, help: str, func, inputs: str | None = "data", model:
         p.add_argument("--data-b", required=True, help="images B (shifted)")
         p.add_argument("--classes", help="class names file (classes.txt or classes.tsv)")
         p.add_argument("--limit", type=positive, help="evenly spaced subset of N images of each")
+        add_identity(p)
     if embed:
         add_embed_opts(p)
     if model or embed:
@@ -114,7 +122,7 @@ def model_of(a: argparse.Namespace, need_text: bool = False):
 
 def dataset_of(a: argparse.Namespace, spec: str):
     from ..data import load_dataset
-    return load_dataset(spec, classes=a.classes, limit=a.limit)
+    return load_dataset(spec, classes=a.classes, limit=a.limit, identity=getattr(a, "identity", "content"))
 
 
 def load_vectors(path: str):

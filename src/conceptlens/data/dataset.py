@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import numpy as np
-from PIL import Image, ImageFile
+from PIL import Image, ImageOps, ImageFile
 
 from ..errors import ConceptlensError
 from ..io import digest
@@ -88,12 +88,16 @@ def to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB") if im.mode != "RGB" else im
 
 
+DECODE_VERSION = 2  # 2: EXIF orientation applied; part of the feature cache key
+
+
 def decode_image(data: bytes | str | os.PathLike) -> Image.Image:
-    """Decode fully (so truncated files fail here, not later) and convert to RGB."""
+    """Decode fully (so truncated files fail here, not later), turn upright by the EXIF orientation tag (as
+    phone photos need, and as browsers show them) and convert to RGB."""
     src = io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else data
     with Image.open(src) as im:
         im.load()
-        return to_rgb(im)
+        return to_rgb(ImageOps.exif_transpose(im))
 
 
 def split_name(name: str) -> tuple[str, str]:

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConceptlensError
+from ..features import embed_texts
 from ..io import read_text
 from ..models import Encoder
 from .metrics import metrics, result_json
@@ -61,7 +62,6 @@ def _format(template: str | Callable[[str], str], c: str) -> str:
     return template(c) if callable(template) else template.format(c=c)
 
 
-@torch.no_grad()
 def build_classifier(model: Encoder, classnames: Sequence[str],
                      templates: Sequence[str | Callable[[str], str]] | dict[str, Sequence[str]]) -> torch.Tensor:
     """[C, D] class embeddings: prompt-ensemble of normalised text embeddings, normalised again.
@@ -70,12 +70,11 @@ def build_classifier(model: Encoder, classnames: Sequence[str],
     """
     if not classnames:
         raise ConceptlensError("empty class list")
-    rows = []
-    for c in classnames:
-        prompts = list(templates[c]) if isinstance(templates, dict) else [_format(t, c) for t in templates]
-        emb = F.normalize(model.encode_text(prompts).float().cpu(), dim=-1)
-        rows.append(F.normalize(emb.mean(dim=0), dim=-1))
-    return torch.stack(rows)
+    prompts = [list(templates[c]) if isinstance(templates, dict) else [_format(t, c) for t in templates]
+               for c in classnames]
+    emb = F.normalize(embed_texts(model, [p for ps in prompts for p in ps]).float(), dim=-1)  # cached, by text tower
+    ends = torch.tensor([len(ps) for ps in prompts]).cumsum(0).tolist()
+    return torch.stack([F.normalize(emb[e - len(ps):e].mean(dim=0), dim=-1) for e, ps in zip(ends, prompts)])
 
 
 def logits(image_features: torch.Tensor, classifier: torch.Tensor, scale: float = 100.0) -> torch.Tensor:

@@ -109,6 +109,17 @@ class Encoder:
         return self.fingerprint
 
     @property
+    def text_model(self) -> str:
+        """Name of the model that computes text embeddings: caption banks are cached once per text tower, not
+        once per aligner or image model seen through it."""
+        return self.name
+
+    @property
+    def text_fingerprint(self) -> str:
+        """Hash of what text embeddings depend on (the text-cache key)."""
+        return self.fingerprint
+
+    @property
     def image_model(self) -> str:
         """Name of the model that computes the image features (shared caches for models with one image tower)."""
         return self.name

@@ -7,6 +7,8 @@ Both are `MappedEncoder`s, so the feature cache stores the tower's features once
 """
 from __future__ import annotations
 
+import hashlib
+
 from pathlib import Path
 
 import numpy as np
@@ -104,6 +106,14 @@ class AlignedModel(MappedEncoder):
     def map_direction(self, V: np.ndarray) -> np.ndarray:
         return np.asarray(V, np.float32) @ self.map.W.T
 
+    @property
+    def text_model(self) -> str:
+        return self.target.text_model
+
+    @property
+    def text_fingerprint(self) -> str:
+        return self.target.text_fingerprint
+
     def encode_text(self, texts) -> torch.Tensor:
         return self.target.encode_text(texts)
 
@@ -152,6 +162,15 @@ class TrainedCLIP(MappedEncoder):
 
     def own_modules(self):
         return [self.image_head, self.text_head]
+
+    @property
+    def text_fingerprint(self) -> str:
+        if not hasattr(self, "_text_fingerprint"):
+            h = hashlib.blake2b(self.text_tower.text_fingerprint.encode(), digest_size=16)
+            for k, v in self.text_head.state_dict().items():
+                h.update(k.encode() + v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+            self._text_fingerprint = h.hexdigest()
+        return self._text_fingerprint
 
     def map_tensor(self, feats: torch.Tensor) -> torch.Tensor:
         return self.image_head(feats)
