@@ -6,12 +6,17 @@ so a reader never sees a partial file and a killed run leaves the previous versi
 from __future__ import annotations
 
 import contextlib
+import datetime
+import functools
 import csv
 import hashlib
 import io
 import json
 import math
 import os
+import shlex
+import subprocess
+import sys
 import tempfile
 from importlib import resources
 from pathlib import Path
@@ -63,11 +68,38 @@ def asset_path(name: str) -> Path:
     return Path(str(resources.files("conceptlens") / "assets" / name))
 
 
+def is_stdout(path: Path | str) -> bool:
+    """`-`, or a path that is this process's standard output (`/dev/stdout`, `/proc/self/fd/1`)."""
+    if str(path) == "-":
+        return True
+    try:
+        return os.path.samestat(os.stat(path), os.fstat(1))
+    except OSError:
+        return False
+
+
 @contextlib.contextmanager
 def atomic_output(path: Path | str, suffix: str = "") -> Iterator[Path]:
     """Yield a temp path beside `path`; on success it is fsynced and renamed over `path`, on failure removed.
-    `suffix` keeps writers that insist on an extension (np.save adds ".npy") from renaming the temp file."""
+    `suffix` keeps writers that insist on an extension (np.save adds ".npy") from renaming the temp file.
+    Standard output (`-`, `/dev/stdout`), pipes and devices are written through, and a symlink's target is
+    replaced, never the link itself."""
     path = Path(path)
+    if is_stdout(path) or (path.exists() and not path.is_file()):
+        with tempfile.TemporaryDirectory(prefix="conceptlens-out-") as d:
+            tmp = Path(d) / f"out{suffix}"
+            yield tmp
+            data = tmp.read_bytes()
+        if is_stdout(path):  # the real standard output, even while our messages are redirected to stderr
+            sys.stdout.flush()
+            sys.__stdout__.buffer.write(data + (b"" if data.endswith(b"\n") else b"\n"))
+            sys.__stdout__.flush()
+        else:
+            with open(path, "wb") as f:
+                f.write(data)
+        return
+    if path.is_symlink():
+        path = Path(os.path.realpath(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
     os.close(fd)
@@ -202,3 +234,33 @@ def progress(iterable=None, **kw):
     kw.setdefault("disable", bool(os.environ.get("CONCEPTLENS_QUIET")))
     kw.setdefault("dynamic_ncols", True)
     return tqdm(iterable, **kw)
+
+
+@functools.lru_cache(maxsize=1)
+def _code_version() -> dict:
+    from . import __version__
+    out = {"conceptlens": __version__, "git": None}
+    root = Path(__file__).resolve().parents[2]
+    if (root / ".git").exists():
+        try:
+            sha = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                 timeout=5).stdout.strip()
+            dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                                   capture_output=True, text=True, timeout=5).stdout.strip()
+            out["git"] = (sha + ("-dirty" if dirty else "")) or None
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return out
+
+
+def provenance(**extra: Any) -> dict:
+    """What produced a result: command line, conceptlens version and git sha (when run from a checkout), UTC
+    date, Python / torch / platform, plus `extra` (data paths and fingerprints, sizes, limit, seed, device...).
+    Every results JSON and report carries it."""
+    import platform
+    import torch
+    return {"command": "conceptlens " + shlex.join(sys.argv[1:]) if Path(sys.argv[0]).name == "conceptlens"
+            else shlex.join(sys.argv), **_code_version(),
+            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
+            **extra}

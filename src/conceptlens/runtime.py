@@ -99,7 +99,10 @@ def default_batch_size(device: torch.device, cpu: int) -> int:
 
 
 def decode_workers(device: torch.device) -> int:
-    """Decoder threads: 2 on the CPU (the model needs the cores), enough to keep an accelerator busy elsewhere."""
+    """Decoder threads: CONCEPTLENS_NUM_WORKERS (`--num-workers`) if set, else 2 on the CPU (the model needs the
+    cores), enough to keep an accelerator busy elsewhere."""
+    if (env := os.environ.get("CONCEPTLENS_NUM_WORKERS", "")).isdigit() and int(env) > 0:
+        return int(env)
     return 2 if device.type == "cpu" else max(2, min(16, (os.cpu_count() or 2)))
 
 

@@ -22,7 +22,21 @@ def add_data(p: argparse.ArgumentParser, flag: str = "--data", required: bool = 
     p.add_argument(flag, required=required, help="folder, tar shards (brace/glob), CSV/JSONL, or a named set")
     p.add_argument("--classes", help="class names file (classes.txt or classes.tsv)")
     p.add_argument("--limit", type=positive, help="evenly spaced subset of N images")
+    p.add_argument("--dataset-name", help="the dataset's name in results (default: the folder or file name)")
     add_identity(p)
+
+
+def add_outputs(p: argparse.ArgumentParser, report: bool = True, output: str = "results JSON") -> None:
+    """The one output convention: --output FILE|- (JSON; - = standard output), --report DIR (HTML + JSON),
+    --overwrite (an existing report folder is otherwise an error before any work)."""
+    p.add_argument("--output", metavar="FILE|-", help=f"write the {output} here (- = standard output)")
+    if report:
+        p.add_argument("--report", metavar="DIR", help="write an HTML report (index.html + its JSON) into this folder")
+        p.add_argument("--overwrite", action="store_true", help="replace an existing report folder")
+
+
+def add_seed(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
 
 
 def add_identity(p: argparse.ArgumentParser) -> None:
@@ -35,6 +49,7 @@ def add_train_test(p: argparse.ArgumentParser) -> None:
     p.add_argument("--test", required=True, help="labelled test images")
     p.add_argument("--classes", help="class names file (classes.txt or classes.tsv)")
     p.add_argument("--limit", type=positive, help="evenly spaced subset of N images of each")
+    p.add_argument("--dataset-name", help="the dataset's name in results (default: the folder or file name)")
     add_identity(p)
 
 
@@ -55,6 +70,7 @@ def add_precision(p: argparse.ArgumentParser) -> None:
 
 def add_embed_opts(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=positive, help="images per batch (default: 64 on the CPU, 256 on a GPU)")
+    p.add_argument("--num-workers", type=positive, help="image decoding threads (default: 2 on the CPU, up to 16 on a GPU)")
     add_precision(p)
     p.add_argument("--no-cache", action="store_true", help="do not read or write the feature cache")
     p.add_argument("--strict", action="store_true", help="unreadable images are an error instead of skipped")
@@ -64,7 +80,7 @@ def command(sub, name: str, help: str, func, inputs: str | None = "data", model:
             embed: bool = True) -> argparse.ArgumentParser:
     """A subcommand with the usual groups: --model/--layer/--aligner, its inputs ("data", "optional-data",
     "train-test", "a-b" or None) and the embedding options; `func(args)` runs it."""
-    p = sub.add_parser(name, help=help)
+    p = sub.add_parser(name, help=help, description=help, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     if model:
         add_model(p)
     if inputs in ("data", "optional-data"):
@@ -120,9 +136,32 @@ def model_of(a: argparse.Namespace, need_text: bool = False):
     return model
 
 
+RUN: dict = {"datasets": []}  # what this command read, for its provenance
+
+
 def dataset_of(a: argparse.Namespace, spec: str):
+    """Load a --data/--train/--test argument (named by --dataset-name if given) and note it for the provenance."""
     from ..data import load_dataset
-    return load_dataset(spec, classes=a.classes, limit=a.limit, identity=getattr(a, "identity", "content"))
+    ds = load_dataset(spec, classes=a.classes, limit=a.limit, identity=getattr(a, "identity", "content"))
+    if getattr(a, "dataset_name", None):
+        ds.name = a.dataset_name
+    RUN["datasets"].append({"spec": str(spec), "name": ds.name, "root": ds.root, "n_images": len(ds),
+                            "n_classes": len(ds.classnames or []), "identity": ds.identity,
+                            "limit": a.limit, "classes": str(a.classes) if a.classes else None})
+    return ds
+
+
+_PROVENANCE_ARGS = ("model", "layer", "aligner", "source", "target", "vl_model", "captions", "concepts", "templates",
+                    "strategy", "budget", "n_samples", "seed", "device", "precision", "engine", "batch_size", "limit",
+                    "identity", "config", "query")
+
+
+def provenance() -> dict:
+    """The provenance block of this command's results (see `conceptlens.io.provenance`)."""
+    from ..io import provenance as base
+    a = RUN.get("args")
+    args = {k: getattr(a, k) for k in _PROVENANCE_ARGS if a is not None and getattr(a, k, None) is not None}
+    return base(verb=getattr(a, "cmd", None), args=args, datasets=RUN["datasets"])
 
 
 def load_vectors(path: str):
@@ -140,12 +179,16 @@ def load_vectors(path: str):
 
 
 def output_path(path: str) -> Path:
-    """An output file path: not a directory, not a device or pipe, its folder creatable (checked before work)."""
+    """An output file path (`-` = standard output): not a directory, its folder writable (checked before work)."""
+    from ..io import is_stdout
     p = Path(path)
+    if is_stdout(path):
+        return p
     if p.is_dir():
         raise ConceptlensError(f"{path} is a directory: give a file name")
-    if p.exists() and not p.is_file():
-        raise ConceptlensError(f"{path} is not a regular file: conceptlens writes files atomically (temp + rename)")
+    parent = next((q for q in p.absolute().parents if q.exists()), Path("/"))
+    if not p.exists() and not os.access(parent, os.W_OK):
+        raise ConceptlensError(f"cannot write {path}: {parent} is not writable")
     return p
 
 
@@ -158,20 +201,25 @@ def check_outputs(a: argparse.Namespace) -> None:
         r = Path(report)
         if r.exists() and not r.is_dir():
             raise ConceptlensError(f"--report {report} is a file: give a folder")
+        if r.is_dir() and any(r.iterdir()) and not getattr(a, "overwrite", False):
+            raise ConceptlensError(f"--report {report} already holds files: pass --overwrite to replace that report, "
+                                   "or give another folder")
         parent = next((p for p in [r, *r.parents] if p.exists()), Path("."))
         if not os.access(parent, os.W_OK):
             raise ConceptlensError(f"--report {report}: {parent} is not writable")
 
 
 def write_json(path: str | None, obj: dict) -> None:
+    """The results JSON, with the run's provenance, to `path` (`-` or /dev/stdout: standard output)."""
     if path:
         output_path(path)
-        from ..io import atomic_write_json
+        from ..io import atomic_write_json, is_stdout
         try:
-            atomic_write_json(Path(path), obj)
+            atomic_write_json(Path(path), {**obj, "provenance": provenance()})
         except OSError as exc:
             raise ConceptlensError(f"cannot write {path}: {exc.strerror}") from None
-        print(f"wrote {path}")
+        if not is_stdout(path):
+            print(f"wrote {path}")
 
 
 def command_line() -> str:

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ._options import (command, command_line, dataset_of, embed_kwargs, load_on_device, load_vectors, model_of, positive,
-                       table, write_json)
+from ._options import (add_outputs, add_seed, command, command_line, dataset_of, embed_kwargs, load_on_device,
+                       load_vectors, model_of, positive, provenance, table, write_json)
 
 
 def register(sub) -> None:
@@ -15,30 +15,30 @@ def register(sub) -> None:
     p.add_argument("--layer", help="named layer of the source model")
     p.add_argument("--method", default="ridge", choices=["ridge", "procrustes", "sgd"])
     p.add_argument("--holdout", type=float, default=0.2, help="held-out fraction for the reported metrics")
-    p.add_argument("--seed", type=int, default=0)
+    add_seed(p)
     p.add_argument("--out", required=True, help="aligner file (.safetensors)")
     p = command(sub, "cbm", "label-free concept bottleneck model (sparse head on concept activations)", cbm,
                 "train-test")
     p.add_argument("--concepts", default="default", help="default (class names, WordNet, caption words) or a file")
     p.add_argument("--max-concepts", type=positive, default=30, help="most non-zero concepts per class")
-    p.add_argument("--report", default="out/cbm")
+    add_outputs(p)
     p = command(sub, "diagnose", "which concepts shift between two datasets (Welch t, Cohen's d, BH q)", diagnose,
                 "a-b")
     p.add_argument("--concepts", default="default", help="default (class names, WordNet, caption words) or a file")
     p.add_argument("--top", type=positive, default=20, help="concepts to show")
-    p.add_argument("--report", default="out/diagnose")
+    add_outputs(p)
     p = command(sub, "search", 'concept-logic image search: "horse & sketch & !grass"', search)
-    p.add_argument("query")
-    p.add_argument("--k", type=positive, default=20, help="results to return")
-    p.add_argument("--report", default="out/search")
+    p.add_argument("query", help='concepts joined by & (and), | (or), ! (not) and parentheses')
+    p.add_argument("--top-k", type=positive, default=20, help="results to return")
+    add_outputs(p)
     p = command(sub, "decode", "turn vectors (image features, class means, a direction) into captions", decode,
                 "optional-data")
     p.add_argument("--per-image", action="store_true", help="decode each image, not the class means")
     p.add_argument("--vector", help=".npy file with one vector [D] or several [N, D] of the source space")
     p.add_argument("--direction", action="store_true", help="the vectors are directions (probe weights): no bias")
     p.add_argument("--captions", default="coco,flickr8k,cc3m", help="caption banks (names or files)")
-    p.add_argument("--k", type=positive, default=5, help="captions per vector")
-    p.add_argument("--output", help="results JSON path")
+    p.add_argument("--captions-per-vector", type=positive, default=5, help="nearest captions to show per vector")
+    add_outputs(p)
 
 
 def align(a) -> None:
@@ -56,52 +56,65 @@ def align(a) -> None:
 
 def cbm(a) -> None:
     from ..concepts import load_concepts, run_cbm
-    from ..report import cbm_report
+    train, test = dataset_of(a, a.train), dataset_of(a, a.test)
+    concepts = load_concepts(a.concepts, train.classnames)
     model = model_of(a, need_text=True)
-    train = dataset_of(a, a.train)
-    res = run_cbm(model, train, dataset_of(a, a.test), load_concepts(a.concepts, train.classnames), a.max_concepts,
-                  **embed_kwargs(a))
+    res = run_cbm(model, train, test, concepts, a.max_concepts, **embed_kwargs(a))
     table([["model", "concepts", "CBM acc1", "linear probe acc1", "max non-zero/class"],
            [model.name, res["n_concepts"], f"{res['cbm_acc1']:.4f}", f"{res['linear_probe_acc1']:.4f}",
             max(res["nonzero_per_class"].values())]])
     for c, ws in res["top_concepts"].items():
         print(f"  {c}: " + ", ".join(f"{w['concept']} ({w['weight']:.2f})" for w in ws[:6]))
-    print(f"report: {cbm_report(res, Path(a.report))}")
+    write_json(a.output, res)
+    if a.report:
+        from ..report import cbm_report
+        print(f"report: {cbm_report(res | {'provenance': provenance()}, Path(a.report))}")
 
 
 def diagnose(a) -> None:
     from ..concepts import load_concepts, run_diagnose
-    from ..report import diagnose_report
-    model = model_of(a, need_text=True)
     da, db = dataset_of(a, a.data_a), dataset_of(a, a.data_b)
-    res = run_diagnose(model, da, db, load_concepts(a.concepts, da.classnames), **embed_kwargs(a))
+    concepts = load_concepts(a.concepts, da.classnames)
+    model = model_of(a, need_text=True)
+    res = run_diagnose(model, da, db, concepts, **embed_kwargs(a))
     table([["concept", "diff", "Welch t", "Cohen's d", "q"]] +
           [[r["concept"], f"{r['diff']:+.3f}", f"{r['t']:.1f}", f"{r['cohens_d']:+.2f}", f"{r['q']:.1e}"]
            for r in res["concepts"][:a.top]])
-    print(f"report: {diagnose_report(res, da, db, Path(a.report), a.top)}")
+    write_json(a.output, res)
+    if a.report:
+        from ..report import diagnose_report
+        print(f"report: {diagnose_report(res | {'provenance': provenance()}, da, db, Path(a.report), a.top)}")
 
 
 def search(a) -> None:
+    from ..concepts import parse
     from ..concepts import search as run
-    from ..report import search_report
-    model = model_of(a, need_text=True)
+    parse(a.query)  # a malformed query fails before the model loads
     ds = dataset_of(a, a.data)
-    res = run(model, ds, a.query, k=a.k, **embed_kwargs(a))
+    model = model_of(a, need_text=True)
+    res = run(model, ds, a.query, k=a.top_k, **embed_kwargs(a))
     table([["rank", "image", "score"]] + [[i + 1, k, f"{s:.2f}"] for i, (k, s) in
                                           enumerate(zip(res["keys"], res["scores"]))])
-    if not res["keys"]:
-        print("no image passes every constraint")
-    print(f"report: {search_report(res, ds, Path(a.report))}")
+    if res.get("note"):
+        print(res["note"])
+    write_json(a.output, res)
+    if a.report:
+        from ..report import search_report
+        print(f"report: {search_report(res | {'provenance': provenance()}, ds, Path(a.report))}")
 
 
 def decode(a) -> None:
     from ..concepts import decode as run
+    vectors = load_vectors(a.vector) if a.vector else None
+    data = dataset_of(a, a.data) if a.data else None
     model = model_of(a, need_text=True)
-    res = run(model, vectors=load_vectors(a.vector) if a.vector else None,
-              data=dataset_of(a, a.data) if a.data else None, per_image=a.per_image, direction=a.direction,
-              banks=a.captions.split(","), k=a.k, **embed_kwargs(a))
+    res = run(model, vectors=vectors, data=data, per_image=a.per_image, direction=a.direction,
+              banks=a.captions.split(","), k=a.captions_per_vector, **embed_kwargs(a))
     for o in res["decoded"]:
         print(f"{o['name']}: {', '.join(o['shared_words'][:6])}")
         for c in o["captions"][:3]:
             print(f"    {c['score']:.3f}  {c['caption']}")
     write_json(a.output, res)
+    if a.report:
+        from ..report import decode_report
+        print(f"report: {decode_report(res | {'provenance': provenance()}, Path(a.report))}")

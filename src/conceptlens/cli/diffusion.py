@@ -1,37 +1,46 @@
 """`diffusion-classify`: zero-shot classification with a text-conditioned diffusion model."""
 from __future__ import annotations
 
-from ._options import add_data, add_device, add_precision, dataset_of, load_on_device, positive, table, write_json
+from ._options import (add_data, add_device, add_outputs, add_precision, add_seed, dataset_of, load_on_device, positive,
+                       provenance, table, write_json)
 
 
 def register(sub) -> None:
-    p = sub.add_parser("diffusion-classify", help="zero-shot classification with a text-conditioned diffusion model")
+    import argparse
+    what = "zero-shot classification with a text-conditioned diffusion model"
+    p = sub.add_parser("diffusion-classify", help=what, description=what,
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="builtin:tiny-diffusion-cifar10", help="builtin:tiny-diffusion-cifar10 or diffusers:DIR")
     add_data(p)
     p.add_argument("--strategy", default="halving", choices=["fixed", "adaptive", "ttest", "halving"])
     p.add_argument("--budget", type=positive, help="denoiser evaluations per image (halving)")
     p.add_argument("--n-samples", type=positive, default=30, help="samples per class (fixed)")
     p.add_argument("--preset", default="cifar10", help="adaptive schedule preset: cifar10 (keep 5,1; 50,500; L1)")
-    p.add_argument("--loss", choices=["l1", "l2"])
-    p.add_argument("--target", default="eps", choices=["eps", "x0"])
+    p.add_argument("--loss", choices=["l1", "l2"], help="error between the denoiser's output and the target "
+                   "(default: the strategy's own: l1 for adaptive/halving, l2 otherwise)")
+    p.add_argument("--target", default="eps", choices=["eps", "x0"], help="compare predicted noise or predicted image")
     p.add_argument("--templates", help="file of prompt templates ({} marks the class); default: unseen ones")
     add_precision(p)
     add_device(p)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--output")
+    add_seed(p)
+    add_outputs(p)
     p.set_defaults(func=classify)
 
 
 def classify(a) -> None:
     from ..diffusion import DiffusionClassifier, evaluate
     from ..eval import load_templates
+    tmpl = [t.replace("{c}", "{}") for t in load_templates(a.templates)] if a.templates else None
+    ds = dataset_of(a, a.data)
     clf = DiffusionClassifier.from_preset(load_on_device(a, a.model), a.strategy, a.preset, a.loss, target=a.target,
                                           n_samples=a.n_samples, budget=a.budget, precision=a.precision, seed=a.seed)
-    tmpl = [t.replace("{c}", "{}") for t in load_templates(a.templates)] if a.templates else None
-    res = evaluate(clf, dataset_of(a, a.data), tmpl, device=a.device)
-    res.pop("_scores")
+    res = evaluate(clf, ds, tmpl, device=a.device)
+    scores = res.pop("_scores")
     m = res["metrics"]
     table([["dataset", "model", "strategy", "images", "acc1", "evals/image", "s/image"],
            [res["dataset"], clf.model.name, a.strategy, res["n_images"], f"{m['acc1']:.4f}",
             f"{m['evals_per_image']:.0f}", f"{m['seconds_per_image']:.2f}"]])
     write_json(a.output, res)
+    if a.report:
+        from ..report import diffusion_report
+        print(f"report: {diffusion_report(res | {'provenance': provenance()}, ds, scores.numpy(), a.report)}")

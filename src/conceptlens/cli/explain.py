@@ -4,7 +4,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import ConceptlensError
-from ._options import command, dataset_of, embed_kwargs, load_on_device, load_vectors, model_of, positive
+from ._options import (add_outputs, command, dataset_of, embed_kwargs, load_on_device, load_vectors, model_of, positive,
+                       provenance, write_json)
 
 
 def register(sub) -> None:
@@ -15,11 +16,11 @@ def register(sub) -> None:
     g.add_argument("--top-groups", type=positive, help="discover groups and explain the N largest")
     p.add_argument("--vl-model", default="builtin:lite-clip", help="vision-language model for crops and captions")
     p.add_argument("--captions", default="coco,flickr8k,cc3m", help="caption banks (names or files)")
-    p.add_argument("--k", type=float, default=5.0, help="high activation: mean + k*std")
+    p.add_argument("--threshold-std", type=float, default=5.0, help="high activation: above mean + this many std")
     p.add_argument("--top-n", type=positive, help="use the top-n images instead of the threshold")
     p.add_argument("--no-gradcam", action="store_true", help="whole images instead of Grad-CAM crops")
     p.add_argument("--transfer", help="aligner B->M: explain --features of space B through its map into --model's space")
-    p.add_argument("--report", default="out/explain")
+    add_outputs(p)
 
 
 def _indices(text: str) -> list[int]:
@@ -31,14 +32,23 @@ def _indices(text: str) -> list[int]:
 
 def explain(a) -> None:
     from ..explain import run_falcon
-    from ..report import explain_report
-    model, vl, ds = model_of(a), load_on_device(a, a.vl_model), dataset_of(a, a.data)
-    res = run_falcon(model, ds, vl, features=_indices(a.features) if a.features else None,
-                     directions=load_vectors(a.direction) if a.direction else None, top_groups=a.top_groups,
-                     transfer=a.transfer, banks=a.captions.split(","), k=a.k, top_n=a.top_n,
+    features = _indices(a.features) if a.features else None
+    directions = load_vectors(a.direction) if a.direction else None
+    ds = dataset_of(a, a.data)
+    model, vl = model_of(a), load_on_device(a, a.vl_model)
+    res = run_falcon(model, ds, vl, features=features, directions=directions, top_groups=a.top_groups,
+                     transfer=a.transfer, banks=a.captions.split(","), k=a.threshold_std, top_n=a.top_n,
                      use_gradcam=not a.no_gradcam, embed_kw=embed_kwargs(a))
-    page = explain_report(res, ds, model.name, vl.name, Path(a.report))
+    if a.top_groups and len(res) < a.top_groups:
+        print(f"{len(res)} groups, not {a.top_groups}: the features form only {len(res)} groups with highly "
+              "activating images")
     for r in res:
         print(f"{r['name']} ({r['n_high']} images): words: {', '.join(w['concept'] for w in r['words'])}")
         print(f"    phrases: {', '.join(p['concept'] for p in r['phrases'])}")
-    print(f"report: {page}")
+    crops = [r.pop("_crops", []) for r in res]
+    write_json(a.output, {"model": model.name, "vl_model": vl.name, "explanations": res})
+    if a.report:
+        from ..report import explain_report
+        for r, c in zip(res, crops):
+            r["_crops"] = c
+        print(f"report: {explain_report(res, ds, model.name, vl.name, Path(a.report), provenance())}")

@@ -6,6 +6,7 @@ they run, so `conceptlens --help` never loads torch.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import warnings
@@ -25,8 +26,11 @@ class Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .. import __version__
     ap = Parser(prog="conceptlens", description="Talk to image representations in words.")
-    sub = ap.add_subparsers(dest="cmd", required=True)
+    ap.add_argument("--version", action="version", version=f"conceptlens {__version__}")
+    ap.add_argument("--quiet", "-q", action="store_true", help="no progress bars or warnings (errors still print)")
+    sub = ap.add_subparsers(dest="cmd", required=True, parser_class=Parser)
     for group in GROUPS:
         group.register(sub)
     return ap
@@ -41,11 +45,20 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.formatwarning = lambda msg, cat, *a, **k: f"warning: {msg}\n"
     args = build_parser().parse_args(argv)
+    if args.quiet:
+        os.environ["CONCEPTLENS_QUIET"] = "1"
+        warnings.simplefilter("ignore")
+    if getattr(args, "num_workers", None):
+        os.environ["CONCEPTLENS_NUM_WORKERS"] = str(args.num_workers)
     try:
         from ..engine import using  # light: no torch work until a model is built
-        from ._options import check_outputs, engine_of
+        from ..io import is_stdout
+        from ._options import RUN, check_outputs, engine_of
+        RUN.update(args=args, datasets=[])
         check_outputs(args)
-        with using(engine_of(args)):
+        # JSON on standard output: every message of ours goes to stderr, so stdout is the JSON alone
+        to_stderr = getattr(args, "output", None) and is_stdout(args.output)
+        with using(engine_of(args)), contextlib.redirect_stdout(sys.stderr if to_stderr else sys.stdout):
             args.func(args)
         return 0
     except ConceptlensError as exc:

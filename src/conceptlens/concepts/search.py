@@ -198,6 +198,11 @@ def search(model: Encoder, data: ImageDataset | Features, query: str, k: int = 2
     text_emb = {w: emb[i].numpy() for i, w in enumerate(words)}
     index = index or ConceptIndex(features.X)
     rows, scores = index.query(tree, text_emb, k=k, k_pos=k_pos, k_neg=k_neg)
-    return {"query": query, "model": model.name, "dataset": features.dataset, "n_images": len(features.keys),
+    n = len(features.keys)
+    note = None
+    if len(rows) < k:  # fewer than asked: always say why
+        note = (f"{len(rows)} results, not {k}: the set has {n} images" if n < k else
+                f"{len(rows)} results, not {k}: only {len(rows)} of {n} images pass every constraint of the query")
+    return {"query": query, "model": model.name, "dataset": features.dataset, "n_images": n, "k": k, "note": note,
             "rows": rows.tolist(), "keys": [features.keys[r] for r in rows], "scores": scores.tolist(),
             "labels": [int(features.labels[r]) for r in rows]}

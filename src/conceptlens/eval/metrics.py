@@ -7,6 +7,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..models import split_model_uri
+
 
 def metrics(scores: torch.Tensor | np.ndarray, labels: torch.Tensor | np.ndarray) -> dict[str, float]:
     """acc1, acc5 (NaN under 5 classes) and mean_per_class_recall, as CLIP_benchmark computes them."""
@@ -22,10 +24,10 @@ def metrics(scores: torch.Tensor | np.ndarray, labels: torch.Tensor | np.ndarray
 
 
 def result_json(dataset: str, model: str, task: str, metric: dict) -> dict:
-    """CLIP_benchmark's result layout (`pretrained` is the URI's tag part)."""
-    arch, _, pretrained = model.partition("/")
-    return {"dataset": dataset, "model": arch, "pretrained": pretrained or arch.split(":")[0], "task": task,
-            "metrics": metric, "language": "en"}
+    """CLIP_benchmark's result layout (model / pretrained split as `models.split_model_uri` says)."""
+    arch, pretrained = split_model_uri(model)
+    return {"dataset": dataset, "model": arch, "pretrained": pretrained, "task": task, "metrics": metric,
+            "language": "en", "model_uri": model}
 
 
 def retrieval_metrics(image_emb: torch.Tensor, text_emb: torch.Tensor, text_owner: Sequence[int],

@@ -113,4 +113,5 @@ def linear_probe(model: Encoder, train: ImageDataset | Features, test: ImageData
     m = metrics(probe.decision_function(fte.X), fte.labels)
     return result_json(fte.dataset, model.name, "linear_probe",
                        {f"lp_{k}": v for k, v in m.items()} | {"weight_decay": probe.weight_decay_}) | {
-        "n_train": int(len(ftr.labels)), "n_test": int(len(fte.labels))}
+        "n_train": int(len(ftr.labels)), "n_test": int(len(fte.labels)), "classnames": list(ftr.classnames),
+        "_weights": probe.linear_.weight.detach().numpy()}  # [C, D] class directions (explain --direction)

@@ -1,10 +1,12 @@
 """Every model conceptlens can build, registered here, and the one factory that builds them from a URI.
 
     builtin:NAME[/TAG]           models whose real weights ship in registry packages (tags per model)
-    open_clip:ARCH/TAG           TAG "random" = random init; other tags need the weights on disk
+    open_clip:ARCH[/TAG]         TAG "random" = random init; other tags need the weights on disk; no TAG = the
+                                 first pretrained tag open_clip lists for ARCH (e.g. openai for ViT-B-32)
+    hf-hub:ORG/REPO              an open_clip model from the Hugging Face hub cache (open_clip's own name)
     hf:REPO_OR_DIR               Hugging Face CLIPModel / SiglipModel, local files only, no remote code
     clip:PATH                    a model trained by `conceptlens train clip`
-    timm:NAME[/random]           timm backbone, penultimate features
+    timm:NAME[.TAG][/random]     timm backbone (timm's NAME.TAG names, e.g. resnet18.a1_in1k), penultimate features
     torchvision:NAME[/random]    torchvision backbone, penultimate features
     diffusers:REPO_OR_DIR        a diffusers text-to-image pipeline (a Denoiser), local files only
 Any vision model takes `layer=` (a named module, global-average-pooled) and `aligner=` (a file mapping
@@ -53,13 +55,22 @@ def _tiny_diffusion(tag, layer):
     return denoisers.TinyDiffusion.from_config() if tag == "random" else denoisers.load_tiny_diffusion()
 
 
-@register_model("open_clip:ARCH/TAG", "vision-language", "any open_clip model; TAG 'random' = random init",
-                example="open_clip:RN50/random")
+@register_model("open_clip:ARCH[/TAG]", "vision-language", "any open_clip model; TAG 'random' = random init, "
+                "none = ARCH's first pretrained tag", example="open_clip:RN50/random")
 def _open_clip(rest, layer):
     arch, _, tag = rest.partition("/")
     if not tag:
-        raise ConceptlensError(f"open_clip:{rest}: open_clip models are ARCH/TAG, e.g. open_clip:ViT-B-32/random")
+        import open_clip
+        tags = open_clip.list_pretrained_tags_by_model(arch)
+        if not tags:
+            raise ConceptlensError(f"open_clip:{arch} has no pretrained tags: give one, or /random")
+        tag = tags[0]
     return adapters.OpenCLIPModel(arch, tag)
+
+
+@register_model("hf-hub:ORG/REPO", "vision-language", "an open_clip model in the Hugging Face hub cache (offline)")
+def _hf_hub(rest, layer):
+    return adapters.OpenCLIPModel(f"hf-hub:{rest}", None)
 
 
 @register_model("hf:REPO_OR_DIR", "vision-language", "Hugging Face CLIPModel/SiglipModel, local files only")
@@ -67,7 +78,8 @@ def _hf(rest, layer):
     return adapters.HFModel(rest)
 
 
-@register_model("timm:NAME[/random]", "vision", "timm backbone (penultimate or --layer)", example="timm:resnet18/random")
+@register_model("timm:NAME[.TAG][/random]", "vision", "timm backbone (penultimate or --layer)",
+                example="timm:resnet18/random")
 def _timm(rest, layer):
     base, _, tag = rest.partition("/")
     return adapters.timm_model(base, tag or None, layer)
@@ -129,6 +141,23 @@ def load_model(name: str, layer: str | None = None, aligner: str | None = None,
         lm = LinearMap.load(aligner)
         model = AlignedModel(model, lm, load_model(lm.meta["target"]))
     return model.to(dev)
+
+
+def split_model_uri(name: str) -> tuple[str, str]:
+    """(model, pretrained) as CLIP_benchmark records them: `open_clip:ViT-B-32/openai` -> (ViT-B-32, openai),
+    `timm:resnet18.a1_in1k` -> (timm:resnet18, a1_in1k), `builtin:NAME/TAG` -> (builtin:NAME, TAG); models
+    without a tag (hf:REPO, hf-hub:ORG/REPO, clip:PATH, aligned models) keep their whole name, pretrained = scheme."""
+    scheme, _, rest = name.partition(":")
+    if scheme == "open_clip":
+        arch, _, tag = rest.partition("/")
+        return arch, tag
+    if scheme in ("builtin", "torchvision", "timm") and "@" not in rest:
+        base, _, tag = rest.partition("/")
+        if scheme == "timm" and "." in base:
+            base, _, ptag = base.partition(".")
+            tag = tag or ptag
+        return f"{scheme}:{base}", tag or ("pretrained" if scheme != "builtin" else "builtin")
+    return name, ("aligned" if "@" in name else scheme)
 
 
 def list_models() -> list[ModelInfo]:

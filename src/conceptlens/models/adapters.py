@@ -30,19 +30,22 @@ class OpenCLIPModel(Encoder):
 
     kind = "vision-language"
 
-    def __init__(self, arch: str, tag: str):
+    def __init__(self, arch: str, tag: str | None):
+        """`arch` an open_clip architecture with a pretrained `tag`, or `hf-hub:ORG/REPO` (tag None), as open_clip
+        names them; the weights must already be on disk."""
         import open_clip
-        self.name = f"open_clip:{arch}/{tag}"
-        if arch not in open_clip.list_models():
+        hub = arch.startswith("hf-hub:")
+        self.name = arch if hub else f"open_clip:{arch}/{tag}"
+        if not hub and arch not in open_clip.list_models():
             raise ConceptlensError(f"unknown open_clip architecture {arch!r}{did_you_mean(arch, open_clip.list_models())}")
         torch.manual_seed(0)  # "random" weights are the same on every load (and so is the cache key)
-        cfg = open_clip.get_pretrained_cfg(arch, tag) if tag != "random" else {}
+        cfg = open_clip.get_pretrained_cfg(arch, tag) if tag not in ("random", None) else {}
         if cfg and not cfg.get("hf_hub") and cfg.get("url"):  # URL-only weights: open_clip would fetch them itself
             if not os.path.isfile(os.path.join(os.path.expanduser("~/.cache/clip"), os.path.basename(cfg["url"]))):
                 raise not_cached(self.name, FileNotFoundError(cfg["url"]))
         try:
             self.model, _, self.preprocess = open_clip.create_model_and_transforms(
-                arch, pretrained=None if tag == "random" else tag)
+                arch, pretrained=None if tag in ("random", None) else tag)
         except RuntimeError as exc:
             if "Unknown pretrained" in str(exc) or "not found" in str(exc).lower():
                 raise ConceptlensError(f"open_clip has no weights {tag!r} for {arch}: {exc}") from None
@@ -124,7 +127,7 @@ class HFModel(Encoder):
 def timm_model(name: str, tag: str | None, layer: str | None) -> VisionTower:
     import timm
     from timm.data import create_transform, resolve_data_config
-    if not timm.list_models(name):
+    if not timm.is_model(name.partition(".")[0]):  # NAME or NAME.PRETRAINED_TAG, as timm writes them
         raise ConceptlensError(f"unknown timm model {name!r}{did_you_mean(name, timm.list_models())}")
     torch.manual_seed(0)
     try:

@@ -12,24 +12,34 @@ from jinja2 import Environment
 
 from ..io import atomic_write_bytes
 
-PAGE = Environment(autoescape=True).from_string("""<!doctype html><html><head><meta charset="utf-8">
+PAGE = Environment(autoescape=True).from_string("""{% macro grid(cards) %}<div class="grid">{% for c in cards %}<div class="card">
+<img src="data:image/jpeg;base64,{{ c.thumb }}" alt="{{ c.title }}"><div><b>{{ c.title }}</b></div>
+{% if c.meta %}<div class="meta">{{ c.meta }}</div>{% endif %}{% if c.truth %}<div>truth: {{ c.truth }}</div>{% endif %}
+{% for p in c.preds %}<div class="{{ 'ok' if p.ok else ('bad' if loop.first and c.truth else '') }}">
+{{ p.name }} {{ '%.2f' % p.prob }}
+<span class="bar" style="width:{{ (p.prob*60)|int }}px"></span></div>{% endfor %}</div>{% endfor %}</div>{% endmacro %}
+<!doctype html><html><head><meta charset="utf-8">
 <title>{{ title }}</title><style>
 body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px;color:#222}
 table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}
 th{background:#f4f4f4}.grid{display:flex;flex-wrap:wrap;gap:10px}
-.card{width:180px;border:1px solid #ddd;border-radius:6px;padding:6px;font-size:12px}
-.card img{width:168px;height:168px;object-fit:cover}.ok{color:#1a7f37}.bad{color:#c62828}
-.bar{background:#4c78a8;height:8px;display:inline-block}
+.card{width:180px;box-sizing:border-box;border:1px solid #ddd;border-radius:6px;padding:6px;font-size:12px;
+overflow:hidden;overflow-wrap:anywhere}
+.card img{width:168px;height:168px;object-fit:cover;display:block}.ok{color:#1a7f37}.bad{color:#c62828}
+.bar{background:#4c78a8;height:8px;display:inline-block}.meta{color:#555}
+.pair{display:flex;gap:24px}.pair>div{flex:1;min-width:0}h3{font-size:14px}
+.prov{font-size:12px;border:1px solid #ddd;border-radius:6px;padding:4px 10px;background:#fafafa}
+.prov td{text-align:left;border:none;padding:1px 8px;overflow-wrap:anywhere}.note{color:#555;font-style:italic}
 </style></head><body><h1>{{ title }}</h1>
-{% for s in sections %}<h2>{{ s.title }}</h2>
+{% if prov %}<details class="prov" open><summary>provenance</summary><table>
+{% for k, v in prov %}<tr><td><b>{{ k }}</b></td><td>{{ v }}</td></tr>{% endfor %}</table></details>{% endif %}
+{% for s in sections %}<h2>{{ s.title }}</h2>{% if s.note %}<p class="note">{{ s.note }}</p>{% endif %}
 {% if s.table %}<table><tr>{% for h in s.table[0] %}<th>{{ h }}</th>{% endfor %}</tr>
 {% for row in s.table[1:] %}<tr>{% for c in row %}<td>{{ c }}</td>{% endfor %}</tr>{% endfor %}</table>{% endif %}
 {% if s.image %}<img src="data:image/png;base64,{{ s.image }}" style="max-width:100%">{% endif %}
-{% if s.cards %}<div class="grid">{% for c in s.cards %}<div class="card">
-<img src="data:image/jpeg;base64,{{ c.thumb }}"><div><b>{{ c.title }}</b>{% if c.truth %} — truth: {{ c.truth }}{% endif %}</div>
-{% for p in c.preds %}<div class="{{ 'ok' if p.ok else ('bad' if loop.first and c.truth else '') }}">
-{{ p.name }} {{ '%.2f' % p.prob }}
-<span class="bar" style="width:{{ (p.prob*60)|int }}px"></span></div>{% endfor %}</div>{% endfor %}</div>{% endif %}
+{% if s.cards %}{{ grid(s.cards) }}{% endif %}
+{% if s.pair %}<div class="pair">{% for side in s.pair %}<div><h3>{{ side.label }}</h3>{{ grid(side.cards) }}</div>
+{% endfor %}</div>{% endif %}
 {% if s.text %}<pre>{{ s.text }}</pre>{% endif %}
 {% endfor %}</body></html>""")
 
@@ -89,10 +99,65 @@ def confusion_figure(labels: np.ndarray, preds: np.ndarray, classnames: Sequence
     return fig
 
 
-def write_html(path: Path, title: str, sections: list[dict]) -> Path:
+def provenance_rows(prov: dict | None) -> list[tuple[str, str]]:
+    """The report header: what produced it (command, version, date, data, device, seed...)."""
+    if not prov:
+        return []
+    rows = [("command", prov.get("command", "")),
+            ("version", f"conceptlens {prov.get('conceptlens', '?')}" + (f" (git {prov['git'][:12]}"
+                                                                         f"{' dirty' if prov['git'].endswith('-dirty') else ''})"
+                                                                         if prov.get("git") else "")),
+            ("date", prov.get("date", "")), ("torch / python", f"{prov.get('torch', '?')} / {prov.get('python', '?')}")]
+    for d in prov.get("datasets", []):
+        rows.append((f"data {d['name']}", f"{d['n_images']} images, {d['n_classes']} classes, {d['spec']}"
+                                          + (f", limit {d['limit']}" if d.get("limit") else "")
+                                          + f", identity {d['identity'][:12]}"))
+    rows += [(k, str(v)) for k, v in prov.get("args", {}).items()]
+    return rows
+
+
+def write_html(path: Path, title: str, sections: list[dict], provenance: dict | None = None) -> Path:
     path = Path(path)
-    atomic_write_bytes(path, PAGE.render(title=title, sections=sections).encode())
+    atomic_write_bytes(path, PAGE.render(title=title, sections=sections, prov=provenance_rows(provenance)).encode())
     return path
+
+
+def wilson(k: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval of a proportion k/n (scipy's binomtest): how far an accuracy on n images can be trusted."""
+    from scipy.stats import binomtest
+    if n == 0:
+        return float("nan"), float("nan")
+    ci = binomtest(int(k), int(n)).proportion_ci(confidence_level=confidence, method="wilson")
+    return float(ci.low), float(ci.high)
+
+
+def acc_text(acc: float, n: int) -> str:
+    """`0.575 [0.42, 0.72]`: an accuracy with its 95 % Wilson interval."""
+    lo, hi = wilson(round(acc * n), n)
+    return f"{acc:.3f} [{lo:.3f}, {hi:.3f}]"
+
+
+def stratified_positions(labels: np.ndarray, n: int) -> list[int]:
+    """Up to `n` positions taken round-robin across classes (thumbnails that show every class, not one)."""
+    labels = np.asarray(labels)
+    groups = [list(np.nonzero(labels == c)[0]) for c in np.unique(labels)]
+    out: list[int] = []
+    while len(out) < n and any(groups):
+        for g in groups:
+            if g and len(out) < n:
+                out.append(int(g.pop(0)))
+    return sorted(out)
+
+
+def prediction_cards(images, keys: Sequence[str], probs: np.ndarray, classnames: Sequence[str],
+                     truths: Sequence[str | None]) -> list[dict]:
+    """Thumbnails with their top-5 predictions (probabilities) and the true class."""
+    cards = []
+    for im, key, p, truth in zip(images, keys, probs, truths):
+        top = np.argsort(-p)[:min(5, len(classnames))]
+        cards.append({"thumb": thumb_b64(im), "title": key, "truth": truth,
+                      "preds": [{"name": classnames[j], "prob": float(p[j]), "ok": classnames[j] == truth} for j in top]})
+    return cards
 
 
 def table_text(rows: list[list]) -> str:
@@ -104,14 +169,15 @@ def table_text(rows: list[list]) -> str:
     return "\n".join(lines)
 
 
-def image_cards(images, titles: Sequence[str], captions: Sequence[str] | None = None) -> list[dict]:
-    """Report cards (thumbnail + title + one line) for a ranked image grid."""
-    return [{"thumb": thumb_b64(im), "title": t, "truth": (captions[i] if captions else None), "preds": []}
+def image_cards(images, titles: Sequence[str], meta: Sequence[str] | None = None) -> list[dict]:
+    """Report cards (thumbnail + title + one line, e.g. rank, score and label) for a ranked image grid."""
+    return [{"thumb": thumb_b64(im), "title": t, "meta": (meta[i] if meta else None), "preds": []}
             for i, (im, t) in enumerate(zip(images, titles)) if im is not None]
 
 
-def bar_figure(labels: Sequence[str], values: Sequence[float], title: str = "", xlabel: str = ""):
-    """Horizontal bar chart, largest on top."""
+def bar_figure(labels: Sequence[str], values: Sequence[float], title: str = "", xlabel: str = "",
+               legend: tuple[str, str] | None = None):
+    """Horizontal bar chart, first on top; blue >= 0, red < 0 (`legend` names the two)."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 0.3 * len(labels) + 1))
     y = np.arange(len(labels))[::-1]
@@ -119,4 +185,23 @@ def bar_figure(labels: Sequence[str], values: Sequence[float], title: str = "", 
     ax.set_yticks(y, labels, fontsize=8)
     ax.set_xlabel(xlabel)
     ax.set_title(title)
+    ax.axvline(0, color="#888", lw=0.8)
+    if legend:
+        from matplotlib.patches import Patch
+        ax.legend(handles=[Patch(color="#4c78a8", label=legend[0]), Patch(color="#e45756", label=legend[1])],
+                  fontsize=8, loc="lower right")
+    return fig
+
+
+def heatmap_figure(matrix: np.ndarray, rows: Sequence[str], cols: Sequence[str], title: str = "", cbar: str = ""):
+    """A rows x columns heat map on one diverging scale with a colour bar (e.g. class x concept weights)."""
+    plt = _plt()
+    m = np.asarray(matrix, float)
+    lim = float(np.abs(m).max()) or 1.0
+    fig, ax = plt.subplots(figsize=(max(5, 0.28 * len(cols) + 3), max(3, 0.32 * len(rows) + 1.5)))
+    im = ax.imshow(m, cmap="RdBu_r", vmin=-lim, vmax=lim, aspect="auto")
+    ax.set_xticks(range(len(cols)), cols, rotation=90, fontsize=7)
+    ax.set_yticks(range(len(rows)), rows, fontsize=8)
+    ax.set_title(title)
+    fig.colorbar(im, ax=ax, label=cbar, shrink=0.8)
     return fig

@@ -1,71 +1,199 @@
-"""One HTML report (+ its JSON) per capability, written from the library's JSON-able results."""
+"""One HTML report (+ its JSON) per capability, written from the library's JSON-able results.
+
+Every page opens with the run's provenance (`res["provenance"]`, see `conceptlens.io.provenance`), shows accuracy
+with its 95 % Wilson interval wherever numbers are compared, and labels every thumbnail (rank, score, class).
+"""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Sequence
+
+import numpy as np
 
 from ..data import ImageDataset, images_at
 from ..io import atomic_write_json
-from .html import bar_figure, fig_b64, image_cards, write_html
+from .html import (acc_text, bar_figure, confusion_figure, fig_b64, heatmap_figure, image_cards, prediction_cards,
+                   stratified_positions, write_html)
+
+THUMBS = 24  # thumbnails per prediction grid, sampled across classes
 
 
-def _write(report: Path, title: str, sections: list[dict], name: str, res) -> Path:
+def _write(report: Path, title: str, sections: list[dict], name: str, res: dict) -> Path:
     report = Path(report)
-    write_html(report / "index.html", title, sections)
-    atomic_write_json(report / f"{name}.json", res)
+    atomic_write_json(report / f"{name}.json", res)  # results first: a figure never takes them down
+    write_html(report / "index.html", title, sections, res.get("provenance"))
     return report / "index.html"
 
 
+def _label(data: ImageDataset, key: str) -> str:
+    i = data.keys.index(key) if key in data.keys else -1
+    if i < 0 or data.labels[i] < 0:
+        return ""
+    return data.classnames[data.labels[i]] if data.classnames else str(data.labels[i])
+
+
+def _labelled_cards(data: ImageDataset, keys: Sequence[str], scores: Sequence[float] | None = None,
+                    what: str = "score") -> list[dict]:
+    """Ranked thumbnails: `#rank · score · class` under each."""
+    meta = [" · ".join(x for x in (f"#{i + 1}", f"{what} {scores[i]:.3f}" if scores is not None else "",
+                                   _label(data, k)) if x) for i, k in enumerate(keys)]
+    return image_cards(images_at(data, list(keys)), list(keys), meta)
+
+
+def predictions_section(title: str, data: ImageDataset, keys: Sequence[str], labels: np.ndarray, scores,
+                        classnames: Sequence[str], n: int = THUMBS) -> dict:
+    """Thumbnails sampled across classes with their top-5 predictions (softmax of the scores)."""
+    s = np.asarray(scores, np.float64)
+    finite = s[np.isfinite(s)]
+    s = np.nan_to_num(s, nan=finite.min() if finite.size else 0.0, posinf=(finite.max() if finite.size else 0.0) + 10,
+                      neginf=(finite.min() if finite.size else 0.0) - 10)  # a strategy's pick (inf) stays on top
+    probs = np.exp(s - s.max(1, keepdims=True))
+    probs /= probs.sum(1, keepdims=True)
+    labels = np.asarray(labels)
+    pos = stratified_positions(labels, n)
+    shown = [keys[i] for i in pos]
+    truths = [classnames[labels[i]] if labels[i] >= 0 else None for i in pos]
+    return {"title": title, "note": f"{len(pos)} of {len(probs)} images, taken in turn from every class",
+            "cards": prediction_cards(images_at(data, shown), shown, probs[pos], classnames, truths)}
+
+
+def classification_report(res: dict, data: ImageDataset, keys: Sequence[str], labels, scores, report: Path,
+                          name: str, what: str) -> Path:
+    """Zero-shot (CLIP or diffusion) results on the images `keys` (true `labels`): accuracy with intervals,
+    per-class recall, confusion matrix and labelled predictions sampled across classes."""
+    scores = np.asarray(scores, np.float64)
+    classnames = res.get("classnames") or data.classnames
+    labels = np.asarray(labels)
+    preds = np.nan_to_num(scores, nan=-np.inf).argmax(1)
+    m, n = res["metrics"], len(scores)
+    table = [["dataset", "model", "images", "acc1 [95 % Wilson]", "acc5", "mean per-class recall"],
+             [res["dataset"], res.get("model_uri", res["model"]), n, acc_text(m["acc1"], n),
+              f"{m['acc5']:.3f}" if "acc5" in m else "-", f"{m.get('mean_per_class_recall', float('nan')):.3f}"]]
+    recall = [float((preds[labels == c] == c).mean()) if (labels == c).any() else 0.0 for c in range(len(classnames))]
+    sections = [{"title": what, "table": table},
+                {"title": "recall per class", "image": fig_b64(bar_figure(list(classnames), recall, "", "recall"))},
+                {"title": "confusion matrix (rows: true class, normalised)",
+                 "image": fig_b64(confusion_figure(labels, preds, classnames, res["dataset"]))},
+                predictions_section("predictions (top 5)", data, keys, labels, scores, classnames)]
+    return _write(report, f"{what} — {res['dataset']}", sections, name, res)
+
+
+def zeroshot_report(res: dict, data: ImageDataset, features, scores, report: Path) -> Path:
+    """CLIP zero-shot on `features` (conceptlens.features.Features of `data`)."""
+    return classification_report(res, data, features.keys, features.labels, scores, report, "zeroshot",
+                                 "Zero-shot classification")
+
+
+def diffusion_report(res: dict, data: ImageDataset, scores, report: Path) -> Path:
+    """Diffusion zero-shot: the images it scored are `res["predictions"]` (unreadable ones were skipped)."""
+    label = dict(zip(data.keys, np.asarray(data.labels).tolist()))
+    keys = [p["key"] for p in res["predictions"]]
+    return classification_report(res, data, keys, [label[k] for k in keys], scores, report, "diffusion",
+                                 f"Diffusion zero-shot classification ({res.get('strategy', '')})")
+
+
+def linear_probe_report(res: dict, report: Path) -> Path:
+    m = res["metrics"]
+    n = res.get("n_test", 0)
+    sections = [{"title": "linear probe", "table": [
+        ["dataset", "model", "train images", "test images", "lp_acc1 [95 % Wilson]", "lp_acc5", "weight decay"],
+        [res["dataset"], res.get("model_uri", res["model"]), res.get("n_train", "?"), n,
+         acc_text(m["lp_acc1"], n) if n else f"{m['lp_acc1']:.3f}", f"{m['lp_acc5']:.3f}", f"{m['weight_decay']:.2e}"]]}]
+    return _write(report, f"Linear probe — {res['dataset']}", sections, "linear_probe", res)
+
+
 def cbm_report(res: dict, report: Path) -> Path:
-    """Accuracy table and each class's top concept weights."""
-    sections = [{"title": "accuracy", "table": [["model", "CBM acc1", "linear probe acc1", "max non-zero / class"],
-                                                [res["model"], f"{res['cbm_acc1']:.4f}", f"{res['linear_probe_acc1']:.4f}",
-                                                 max(res["nonzero_per_class"].values())]]}]
-    for c, ws in res["top_concepts"].items():
-        if ws:
-            sections.append({"title": f"{c}: top concepts", "image": fig_b64(bar_figure(
-                [w["concept"] for w in ws], [w["weight"] for w in ws], c, "weight"))})
+    """Accuracy (with intervals) and one class x concept heat map of the sparse head's weights on one scale."""
+    n = res["n_test"]
+    sections = [{"title": "accuracy", "table": [
+        ["model", "train / test images", "concepts", "CBM acc1 [95 %]", "linear probe acc1 [95 %]", "max non-zero / class"],
+        [res["model"], f"{res['n_train']} / {n}", res["n_concepts"], acc_text(res["cbm_acc1"], n),
+         acc_text(res["linear_probe_acc1"], n), max(res["nonzero_per_class"].values())]]}]
+    tops = res["top_concepts"]
+    cols: list[str] = []
+    for ws in tops.values():
+        for w in ws[:4]:
+            if w["concept"] not in cols:
+                cols.append(w["concept"])
+    if cols:
+        weight = {(c, w["concept"]): w["weight"] for c, ws in tops.items() for w in ws}
+        M = np.array([[weight.get((c, k), 0.0) for k in cols[:48]] for c in tops])
+        sections.append({"title": "class × concept weights (each class's top 4 concepts; 0 = not used)",
+                         "image": fig_b64(heatmap_figure(M, list(tops), cols[:48], "", "weight"))})
+    sections.append({"title": "top concepts per class", "table": [["class", "concepts (weight)"]] + [
+        [c, ", ".join(f"{w['concept']} ({w['weight']:+.2f})" for w in ws[:8])] for c, ws in tops.items()]})
     return _write(report, f"Concept bottleneck — {res['model']}", sections, "cbm", res)
 
 
+def _q(q: float) -> str:
+    return "< 1e-300" if q == 0 else f"{q:.1e}"
+
+
 def diagnose_report(res: dict, data_a: ImageDataset, data_b: ImageDataset, report: Path, top: int = 20) -> Path:
-    """Table and effect-size plot of the most shifted concepts, and their most activating images per side."""
+    """Most shifted concepts (table, effect sizes with a legend) and, per concept, A and B side by side."""
     head = res["concepts"][:top]
-    sections = [{"title": f"top {top} shifted concepts (B − A)", "table": [["concept", "mean A", "mean B", "diff",
-                                                                          "Welch t", "Cohen's d", "q (BH)"]] +
+    sections = [{"title": f"top {len(head)} shifted concepts (B − A) of {res['n_concepts']}",
+                 "note": f"A = {res['a']} ({res['n_a']} images), B = {res['b']} ({res['n_b']} images); "
+                         "q: Benjamini-Hochberg adjusted p of Welch's t-test",
+                 "table": [["concept", "mean A", "mean B", "diff", "Welch t", "Cohen's d", "q (BH)"]] +
                  [[r["concept"], f"{r['mean_a']:.3f}", f"{r['mean_b']:.3f}", f"{r['diff']:+.3f}", f"{r['t']:.1f}",
-                   f"{r['cohens_d']:+.2f}", f"{r['q']:.1e}"] for r in head]},
-                {"title": "effect sizes", "image": fig_b64(bar_figure([r["concept"] for r in head],
-                                                                      [r["cohens_d"] for r in head],
-                                                                      "Cohen's d (B − A)", "d"))}]
+                   f"{r['cohens_d']:+.2f}", _q(r["q"])] for r in head]},
+                {"title": "effect sizes", "image": fig_b64(bar_figure(
+                    [r["concept"] for r in head], [r["cohens_d"] for r in head], "Cohen's d (B − A)", "d",
+                    legend=(f"more in B ({res['b']})", f"more in A ({res['a']})")))}]
     for ex in res["examples"]:
-        for side, ds in (("a", data_a), ("b", data_b)):
-            sections.append({"title": f"'{ex['concept']}': most activating images of {side.upper()}",
-                             "cards": image_cards(images_at(ds, ex[side]), ex[side])})
+        sections.append({"title": f"'{ex['concept']}': most activating images, A beside B", "pair": [
+            {"label": f"A: {res['a']}", "cards": _labelled_cards(data_a, ex["a"])},
+            {"label": f"B: {res['b']}", "cards": _labelled_cards(data_b, ex["b"])}]})
     return _write(report, f"Distribution shift — {res['a']} vs {res['b']}", sections, "diagnose", res)
 
 
 def search_report(res: dict, data: ImageDataset, report: Path) -> Path:
-    """The ranked results of a concept-logic query."""
+    """The ranked results of a concept-logic query: rank, score and label on every thumbnail."""
     sections = [{"title": f"{len(res['keys'])} results for {res['query']!r} ({res['model']})",
-                 "cards": image_cards(images_at(data, res["keys"]), res["keys"])}]
+                 "note": res.get("note") or f"top {len(res['keys'])} of {res['n_images']} images; score = the "
+                                            "query's soft-logic margin (higher is a better match)",
+                 "cards": _labelled_cards(data, res["keys"], res["scores"])}]
     return _write(report, f"search: {res['query']}", sections, "search", res)
 
 
-def explain_report(results: list[dict], data: ImageDataset, model_name: str, vl_name: str, report: Path) -> Path:
-    """Per explanation: concept scores, crops of the highly activating images, counterfactuals. Pops `_crops`."""
+def decode_report(res: dict, report: Path) -> Path:
+    """Each vector's nearest captions (with cosine) and the words they share."""
+    sections = [{"title": f"{len(res['decoded'])} vectors decoded into {', '.join(res['banks'])}",
+                 "table": [["vector", "shared words", "nearest captions (cosine)"]] +
+                 [[o["name"], ", ".join(o["shared_words"][:8]),
+                   " | ".join(f"{c['caption']} ({c['score']:.3f})" for c in o["captions"][:res["k"]])]
+                  for o in res["decoded"]]}]
+    return _write(report, f"Decoded vectors — {res['model']}", sections, "decode", res)
+
+
+def explain_report(results: list[dict], data: ImageDataset, model_name: str, vl_name: str, report: Path,
+                   provenance: dict | None = None) -> Path:
+    """Per explanation: word and phrase scores (two charts), the Grad-CAM crops of the highly activating images,
+    the captions retrieved for them, and the low-activating counterfactuals. Pops `_crops`."""
     sections = []
     for res in results:
         crops = res.pop("_crops", [])
-        ws = res["words"] + res["phrases"]
-        sections.append({"title": f"{res['name']}: {', '.join(w['concept'] for w in res['words'][:5])}",
-                         "image": fig_b64(bar_figure([w["concept"] for w in ws], [w["score"] for w in ws],
-                                                     res["name"], "score")) if ws else None,
+        name = res["name"]
+        sections.append({"title": f"{name}: {', '.join(w['concept'] for w in res['words'][:5])}",
                          "text": "removed by the contrastive step: " + (", ".join(res["removed_by_contrast"]) or "none")})
-        sections.append({"title": f"{res['name']}: highly activating crops ({res['n_high']} images, "
-                                  f"crop coherence {res['crop_coherence']:.2f})",
-                         "cards": image_cards(crops[:12], res["high_keys"][:12])})
+        for kind in ("words", "phrases"):
+            if res[kind]:
+                sections.append({"title": f"{name}: {kind}", "image": fig_b64(bar_figure(
+                    [w["concept"] for w in res[kind]], [w["score"] for w in res[kind]], "", "score"))})
+        shown = min(len(crops), THUMBS)
+        sections.append({"title": f"{name}: highly activating crops",
+                         "note": f"{shown} of {res['n_high']} images shown; crop coherence {res['crop_coherence']:.2f}",
+                         "cards": image_cards(crops[:shown], res["high_keys"][:shown],
+                                              [f"#{i + 1} · {_label(data, k)}" for i, k in enumerate(res["high_keys"][:shown])])})
+        if res.get("captions"):
+            sections.append({"title": f"{name}: captions retrieved for the top crops", "table": [["crop", "captions"]] + [
+                [res["high_keys"][i] if i < len(res["high_keys"]) else i,
+                 " | ".join(c if isinstance(c, str) else str(c) for c in caps)] for i, caps in enumerate(res["captions"])]})
         if res["low_keys"]:
-            sections.append({"title": f"{res['name']}: low-activating counterfactuals",
-                             "cards": image_cards(images_at(data, res["low_keys"]), res["low_keys"])})
-    return _write(report, f"FALCON explanations — {model_name}", sections, "explanations",
-                  {"model": model_name, "vl_model": vl_name, "explanations": results})
+            sections.append({"title": f"{name}: low-activating counterfactuals",
+                             "cards": _labelled_cards(data, res["low_keys"])})
+    out = {"model": model_name, "vl_model": vl_name, "explanations": results}
+    if provenance:
+        out["provenance"] = provenance
+    return _write(report, f"FALCON explanations — {model_name}", sections, "explanations", out)
