@@ -10,6 +10,11 @@ def register(sub) -> None:
     p.add_argument("--check", action="store_true", help="try loading each built-in model")
     p = command(sub, "embed", "extract and cache features", embed)
     add_outputs(p, report=False, output="features [N, D] as .npy")
+    p = command(sub, "table", "one table across result files (like clip_benchmark build)", results_table, None, False,
+                False)
+    p.add_argument("runs", nargs="+", metavar="RESULT.json", help="results JSON files written by --output")
+    p.add_argument("--format", default="markdown", choices=["markdown", "csv", "text"], help="table format")
+    add_outputs(p, report=False, output="table")
     p = command(sub, "export", "write features in clip-retrieval's layout (img_emb/*.npy + metadata/*.parquet)", export)
     p.add_argument("--out", required=True, help="a new folder; embedding-reader reads it, autofaiss indexes it, --data takes it")
     p.add_argument("--rows-per-file", type=positive, default=100_000)
@@ -44,6 +49,16 @@ def embed(a) -> None:
         from ..io import atomic_save_npy
         atomic_save_npy(a.output, np.asarray(f.X))
         print(f"wrote {a.output}")
+
+
+def results_table(a) -> None:
+    from ..io import atomic_write_bytes
+    from ..report import format_table, results_table as build
+    text = format_table(build(a.runs), a.format)
+    if a.output:
+        atomic_write_bytes(output_path(a.output), text.encode())
+    else:
+        print(text, end="")
 
 
 def export(a) -> None:
@@ -81,7 +96,7 @@ def linear_probe(a) -> None:
     train, test = dataset_of(a, a.train), dataset_of(a, a.test)
     model = model_of(a)
     res = run(model, train, test, **embed_kwargs(a))
-    weights = res.pop("_weights")
+    weights, scores, feats = res.pop("_weights"), res.pop("_scores"), res.pop("_test")
     m = res["metrics"]
     table([["dataset", "model", "lp_acc1", "lp_acc5", "lp_mean_per_class_recall", "weight_decay"],
            [res["dataset"], model.name, f"{m['lp_acc1']:.4f}", f"{m['lp_acc5']:.4f}",
@@ -93,4 +108,4 @@ def linear_probe(a) -> None:
         print(f"wrote {a.save_weights} ({weights.shape[0]} class directions; explain them with --direction)")
     if a.report:
         from ..report import linear_probe_report
-        print(f"report: {linear_probe_report(res | {'provenance': provenance()}, a.report)}")
+        print(f"report: {linear_probe_report(res | {'provenance': provenance()}, test, feats, scores, a.report)}")

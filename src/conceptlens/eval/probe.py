@@ -110,8 +110,10 @@ def linear_probe(model: Encoder, train: ImageDataset | Features, test: ImageData
         raise ConceptlensError(f"train and test have different classes ({', '.join(ftr.classnames[:5])} ... vs "
                                f"{', '.join(fte.classnames[:5])} ...): a probe scores only the classes it was fit on")
     probe = LinearProbe().fit(ftr.X, ftr.labels)
-    m = metrics(probe.decision_function(fte.X), fte.labels)
+    scores = probe.decision_function(fte.X)
+    m = metrics(scores, fte.labels)
     return result_json(fte.dataset, model.name, "linear_probe",
                        {f"lp_{k}": v for k, v in m.items()} | {"weight_decay": probe.weight_decay_}) | {
         "n_train": int(len(ftr.labels)), "n_test": int(len(fte.labels)), "classnames": list(ftr.classnames),
-        "_weights": probe.linear_.weight.detach().numpy()}  # [C, D] class directions (explain --direction)
+        "_weights": probe.linear_.weight.detach().numpy(),  # [C, D] class directions (explain --direction)
+        "_scores": scores, "_test": fte}  # for reports; dropped when written

@@ -23,7 +23,7 @@ PAGE = Environment(autoescape=True).from_string("""{% macro grid(cards) %}<div c
 body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px;color:#222}
 table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}
 th{background:#f4f4f4}.grid{display:flex;flex-wrap:wrap;gap:10px}
-.card{width:180px;box-sizing:border-box;border:1px solid #ddd;border-radius:6px;padding:6px;font-size:12px;
+.card{width:182px;box-sizing:border-box;border:1px solid #ddd;border-radius:6px;padding:6px;font-size:12px;
 overflow:hidden;overflow-wrap:anywhere}
 .card img{width:168px;height:168px;object-fit:cover;display:block}.ok{color:#1a7f37}.bad{color:#c62828}
 .bar{background:#4c78a8;height:8px;display:inline-block}.meta{color:#555}
@@ -205,3 +205,49 @@ def heatmap_figure(matrix: np.ndarray, rows: Sequence[str], cols: Sequence[str],
     ax.set_title(title)
     fig.colorbar(im, ax=ax, label=cbar, shrink=0.8)
     return fig
+
+
+def results_table(paths: Sequence[str | Path]) -> list[list]:
+    """One table across result files, like `clip_benchmark build`: a row per result (a file may hold several,
+    e.g. the demo's), columns dataset, model, pretrained, task, then every metric any of them reports."""
+    import json
+    from ..errors import ConceptlensError
+    from ..io import read_text
+    found: list[tuple[str, dict]] = []
+    for p in paths:
+        try:
+            obj = json.loads(read_text(p))
+        except json.JSONDecodeError as exc:
+            raise ConceptlensError(f"{p} is not JSON: {exc.msg} (line {exc.lineno})") from None
+        items = [obj] if isinstance(obj, dict) and "metrics" in obj else \
+            [v for v in obj.values() if isinstance(v, dict) and "metrics" in v] if isinstance(obj, dict) else []
+        if not items:
+            raise ConceptlensError(f"{p} holds no results (no 'metrics'): give results JSON written by --output")
+        found += [(str(p), r) for r in items]
+    metrics = list(dict.fromkeys(k for _, r in found for k, v in r["metrics"].items()
+                                 if isinstance(v, (int, float)) or v is None))
+    rows: list[list] = [["dataset", "model", "pretrained", "task", *metrics, "file"]]
+    for p, r in found:
+        rows.append([r.get("dataset", ""), r.get("model", ""), r.get("pretrained", ""), r.get("task", ""),
+                     *(_cell(r["metrics"].get(m)) for m in metrics), p])
+    return rows
+
+
+def _cell(v) -> str:
+    if v is None:
+        return ""
+    return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
+def format_table(rows: list[list], fmt: str) -> str:
+    """`rows` as markdown, CSV or the terminal's fixed-width text."""
+    if fmt == "csv":
+        import csv
+        buf = io.StringIO()
+        csv.writer(buf, lineterminator="\n").writerows(rows)
+        return buf.getvalue()
+    if fmt == "markdown":
+        esc = [[str(c).replace("|", "\\|") for c in r] for r in rows]
+        return "\n".join(["| " + " | ".join(esc[0]) + " |", "|" + "---|" * len(esc[0])] +
+                         ["| " + " | ".join(r) + " |" for r in esc[1:]]) + "\n"
+    return table_text(rows) + "\n"

@@ -65,10 +65,15 @@ def classification_report(res: dict, data: ImageDataset, keys: Sequence[str], la
     classnames = res.get("classnames") or data.classnames
     labels = np.asarray(labels)
     preds = np.nan_to_num(scores, nan=-np.inf).argmax(1)
-    m, n = res["metrics"], len(scores)
+    n = len(scores)
+    m = {k.removeprefix("lp_"): v for k, v in res["metrics"].items()}  # linear probes prefix their metrics
     table = [["dataset", "model", "images", "acc1 [95 % Wilson]", "acc5", "mean per-class recall"],
              [res["dataset"], res.get("model_uri", res["model"]), n, acc_text(m["acc1"], n),
-              f"{m['acc5']:.3f}" if "acc5" in m else "-", f"{m.get('mean_per_class_recall', float('nan')):.3f}"]]
+              f"{m['acc5']:.3f}" if m.get("acc5") is not None and np.isfinite(m["acc5"]) else "-",
+              f"{m.get('mean_per_class_recall', float('nan')):.3f}"]]
+    if "weight_decay" in m:
+        table[0].append("train images / weight decay")
+        table[1].append(f"{res.get('n_train', '?')} / {m['weight_decay']:.2e}")
     recall = [float((preds[labels == c] == c).mean()) if (labels == c).any() else 0.0 for c in range(len(classnames))]
     sections = [{"title": what, "table": table},
                 {"title": "recall per class", "image": fig_b64(bar_figure(list(classnames), recall, "", "recall"))},
@@ -92,14 +97,10 @@ def diffusion_report(res: dict, data: ImageDataset, scores, report: Path) -> Pat
                                  f"Diffusion zero-shot classification ({res.get('strategy', '')})")
 
 
-def linear_probe_report(res: dict, report: Path) -> Path:
-    m = res["metrics"]
-    n = res.get("n_test", 0)
-    sections = [{"title": "linear probe", "table": [
-        ["dataset", "model", "train images", "test images", "lp_acc1 [95 % Wilson]", "lp_acc5", "weight decay"],
-        [res["dataset"], res.get("model_uri", res["model"]), res.get("n_train", "?"), n,
-         acc_text(m["lp_acc1"], n) if n else f"{m['lp_acc1']:.3f}", f"{m['lp_acc5']:.3f}", f"{m['weight_decay']:.2e}"]]}]
-    return _write(report, f"Linear probe — {res['dataset']}", sections, "linear_probe", res)
+def linear_probe_report(res: dict, data: ImageDataset, features, scores, report: Path) -> Path:
+    """A linear probe scored on `features` of the test set `data`."""
+    return classification_report(res, data, features.keys, features.labels, scores, report, "linear_probe",
+                                 "Linear probe")
 
 
 def cbm_report(res: dict, report: Path) -> Path:
@@ -159,7 +160,11 @@ def search_report(res: dict, data: ImageDataset, report: Path) -> Path:
 
 def decode_report(res: dict, report: Path) -> Path:
     """Each vector's nearest captions (with cosine) and the words they share."""
-    sections = [{"title": f"{len(res['decoded'])} vectors decoded into {', '.join(res['banks'])}",
+    best = [o["captions"][0]["score"] if o["captions"] else 0.0 for o in res["decoded"][:40]]
+    sections = [{"title": "cosine of each vector's nearest caption", "note": "low values: no caption in the banks "
+                 "is close; read the captions with care", "image": fig_b64(bar_figure(
+                     [o["name"] for o in res["decoded"][:40]], best, "", "cosine"))},
+                {"title": f"{len(res['decoded'])} vectors decoded into {', '.join(res['banks'])}",
                  "table": [["vector", "shared words", "nearest captions (cosine)"]] +
                  [[o["name"], ", ".join(o["shared_words"][:8]),
                    " | ".join(f"{c['caption']} ({c['score']:.3f})" for c in o["captions"][:res["k"]])]
