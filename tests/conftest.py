@@ -40,6 +40,16 @@ def _no_network():
     socket.socket.connect, socket.socket.connect_ex = real, real_ex
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _assets_untouched():
+    """No test may write over a packaged model file (they are the shipped weights)."""
+    from conceptlens.io import asset_path
+    before = {p.name: (p.stat().st_size, p.stat().st_mtime_ns) for p in asset_path("").iterdir()}
+    yield
+    after = {p.name: (p.stat().st_size, p.stat().st_mtime_ns) for p in asset_path("").iterdir()}
+    assert after == before, "a test changed a packaged model file in src/conceptlens/assets"
+
+
 @pytest.fixture(autouse=True)
 def _cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("CONCEPTLENS_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
@@ -128,6 +138,23 @@ def tiny_hf_clip(tmp_path: Path):
     tok.save_pretrained(tmp_path)
     CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(tmp_path)
     return ref, tok
+
+
+def open_clip_hub_repo(cache: Path, repo: str = "conceptlens/random-rn50", arch: str = "RN50") -> str:
+    """An open_clip model (random weights) laid out as the Hugging Face hub cache holds one: `hf-hub:` offline."""
+    import open_clip
+    from safetensors.torch import save_file
+    torch.manual_seed(0)
+    model = open_clip.create_model(arch, pretrained=None)
+    root = cache / f"models--{repo.replace('/', '--')}"
+    snap = root / "snapshots" / ("0" * 40)
+    snap.mkdir(parents=True)
+    (root / "refs").mkdir()
+    (root / "refs" / "main").write_text("0" * 40)
+    (snap / "open_clip_config.json").write_text(json.dumps({"model_cfg": open_clip.get_model_config(arch),
+                                                            "preprocess_cfg": {}}))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(snap / "open_clip_model.safetensors"))
+    return repo
 
 
 def trained_clip_file(tmp_path: Path) -> str:

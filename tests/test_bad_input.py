@@ -167,7 +167,7 @@ CASES = {
     "query ending in an operator": ["search", "dog &", *VL, D, "IMGS"],
     "query nested too deep": ["search", "(" * 200 + "dog" + ")" * 200, *VL, D, "IMGS"],
     "query with too many concepts": ["search", " | ".join(["dog"] * 100), *VL, D, "IMGS"],
-    "search --k 0": ["search", "dog", *VL, D, "IMGS", "--k", "0"],
+    "search --top-k 0": ["search", "dog", *VL, D, "IMGS", "--top-k", "0"],
     # decode / explain vectors
     "vector file missing": ["decode", *VL, "--vector", "/nonexistent.npy"],
     "vector file is .npz": ["decode", *VL, "--vector", "ARR_NPZ"],
@@ -202,7 +202,9 @@ CASES = {
     "diagnose B missing": ["diagnose", *VL, "--data-a", "IMGS", "--data-b", "/nonexistent"],
     # outputs
     "--output is a directory": ["embed", *M, D, "IMGS", "--output", "OUTDIR"],
-    "--output is a device": ["zeroshot", *VL, D, "IMGS", "--output", "/dev/null"],
+    "--output under a file": ["zeroshot", *VL, D, "IMGS", "--output", "AFILE/res.json"],
+    "--report under a file": ["search", "dog", *VL, D, "IMGS", "--report", "AFILE/rep"],
+    "--report holds files": ["search", "dog", *VL, D, "IMGS", "--report", "IMGS"],
     "--report is a file": ["search", "dog", *VL, D, "IMGS", "--report", "AFILE"],
     "unknown verb": ["embedd"],
     "unknown option": ["embed", *M, D, "IMGS", "--frobnicate"],

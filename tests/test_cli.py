@@ -8,9 +8,9 @@ from conceptlens.cli import build_parser, main
 from conftest import trained_clip_file
 
 COMMANDS = ["models", "embed", "export", "zeroshot", "linear-probe", "align", "cbm", "diagnose", "search", "decode",
-            "explain", "diffusion-classify", "demo", "build", "train"]
+            "explain", "diffusion-classify", "demo", "build", "train", "table"]
 # verbs that run a model: --device on all; --engine where there is per-shard work
-DEVICE_VERBS = [[c] for c in COMMANDS if c not in ("models", "train")] + [["train", "clip"], ["train", "diffusion"]]
+DEVICE_VERBS = [[c] for c in COMMANDS if c not in ("models", "train", "table")] + [["train", "clip"], ["train", "diffusion"]]
 ENGINE_VERBS = ["embed", "export", "zeroshot", "linear-probe", "align", "cbm", "diagnose", "search", "decode", "explain",
                 "diffusion-classify"]
 
@@ -35,7 +35,7 @@ def test_every_model_verb_takes_a_device_and_the_shard_verbs_an_engine(capsys):
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["search", "--model", "builtin:lite-clip", "--data", "samples", "x", "--k", "0"], "must be positive"),
+    (["search", "--model", "builtin:lite-clip", "--data", "samples", "x", "--top-k", "0"], "must be positive"),
     (["embed", "--model", "builtin:lite-clip", "--data", "samples", "--limit", "many"], "is not an integer"),
     (["zeroshot", "--model", "builtin:lite-clip"], "--data"),
 ])
@@ -62,6 +62,6 @@ def test_decode_a_direction_of_a_trained_clip_model(tmp_path, capsys):
     bank.write_text("a dog on the grass\na red car\na bowl of soup\n")
     out = tmp_path / "dec.json"
     assert main(["decode", "--model", f"clip:{model}", "--vector", str(tmp_path / "v.npy"), "--direction",
-                 "--captions", str(bank), "--k", "2", "--output", str(out)]) == 0
+                 "--captions", str(bank), "--captions-per-vector", "2", "--output", str(out)]) == 0
     dec = json.loads(out.read_text())["decoded"]
     assert [d["name"] for d in dec] == ["vector 0", "vector 1"] and all(len(d["captions"]) == 2 for d in dec)

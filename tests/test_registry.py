@@ -7,7 +7,7 @@ from conceptlens.concepts import Aligner, ConceptBottleneck
 from conceptlens.errors import ConceptlensError
 from conceptlens.eval import LinearProbe
 from conceptlens.models import Denoiser, Encoder, list_models, load_model
-from conftest import tiny_hf_clip, tiny_sd_pipeline, trained_clip_file
+from conftest import open_clip_hub_repo, tiny_hf_clip, tiny_sd_pipeline, trained_clip_file
 
 
 def _diffusers_dir(tmp_path):
@@ -21,8 +21,14 @@ def _hf_dir(tmp_path):
     return str(tmp_path / "hf")
 
 
+def _hub_cache(tmp_path):
+    import huggingface_hub.constants as hub
+    hub.HF_HUB_CACHE = str(tmp_path / "hub")  # restored by the test (monkeypatch)
+    return open_clip_hub_repo(tmp_path / "hub")
+
+
 # schemes whose models need local files: how this test makes them (a new such scheme must be added here)
-LOCAL = {"hf": _hf_dir, "clip": trained_clip_file, "diffusers": _diffusers_dir}
+LOCAL = {"hf": _hf_dir, "clip": trained_clip_file, "diffusers": _diffusers_dir, "hf-hub": _hub_cache}
 
 
 def _uris(info, tmp_path):
@@ -36,7 +42,9 @@ def _uris(info, tmp_path):
 
 
 @pytest.mark.parametrize("info", list_models(), ids=lambda i: i.name)
-def test_every_registered_model_builds(info, tmp_path):
+def test_every_registered_model_builds(info, tmp_path, monkeypatch):
+    import huggingface_hub.constants as hub
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", hub.HF_HUB_CACHE)
     for uri in _uris(info, tmp_path):
         model = load_model(uri)
         if info.kind == "diffusion":

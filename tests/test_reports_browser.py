@@ -20,8 +20,9 @@ if not os.path.exists(CHROMIUM):
 VL = "builtin:lite-clip"
 CHECK = """() => {
   const cards = [...document.querySelectorAll('.card')];
+  const right = c => c.getBoundingClientRect().right;
   const over = cards.filter(c => c.scrollWidth > c.clientWidth + 1 || c.scrollHeight > c.clientHeight + 1
-                                 || [...c.children].some(e => e.getBoundingClientRect().right > c.getBoundingClientRect().right + 1));
+                                 || [...c.children].some(e => right(e) > right(c) + 1));
   const broken = [...document.images].filter(i => !i.complete || i.naturalWidth === 0);
   return {cards: cards.length, overflowing: over.map(c => c.innerText.slice(0, 60)),
           broken: broken.map(i => i.alt || i.src.slice(0, 40)), images: document.images.length,

@@ -11,7 +11,7 @@ def test_search_diagnose_cbm_decode_verbs(tmp_path, image_folder, capsys):
     concepts.write_text("red\nblue\nsky\nfire\ngrass\n")
     rep = tmp_path / "rep"
     assert main(["search", "--model", "builtin:lite-clip", "--data", str(image_folder), "red | blue:0",
-                 "--k", "5", "--report", str(rep / "s")]) == 0
+                 "--top-k", "5", "--report", str(rep / "s")]) == 0
     res = json.loads((rep / "s" / "search.json").read_text())
     assert (rep / "s" / "index.html").exists() and len(res["keys"]) == 5
     assert res["scores"] == sorted(res["scores"], reverse=True) and len(set(res["keys"])) == 5
@@ -27,7 +27,7 @@ def test_search_diagnose_cbm_decode_verbs(tmp_path, image_folder, capsys):
     bank.write_text("a red apple on a table\na blue car on the road\na bright red fire truck\nthe blue sea\n")
     out = tmp_path / "dec.json"
     assert main(["decode", "--model", "builtin:lite-clip", "--data", str(image_folder), "--captions", str(bank),
-                 "--k", "2", "--output", str(out)]) == 0
+                 "--captions-per-vector", "2", "--output", str(out)]) == 0
     dec = json.loads(out.read_text())["decoded"]
     assert [x["name"] for x in dec] == ["blue", "red"] and len(dec[0]["captions"]) == 2
     capsys.readouterr()

@@ -186,10 +186,16 @@ def output_path(path: str) -> Path:
         return p
     if p.is_dir():
         raise ConceptlensError(f"{path} is a directory: give a file name")
-    parent = next((q for q in p.absolute().parents if q.exists()), Path("/"))
-    if not p.exists() and not os.access(parent, os.W_OK):
-        raise ConceptlensError(f"cannot write {path}: {parent} is not writable")
+    _writable_parent(p, path)
     return p
+
+
+def _writable_parent(p: Path, what: str) -> None:
+    parent = next((q for q in p.absolute().parents if q.exists()), Path("/"))
+    if not parent.is_dir():
+        raise ConceptlensError(f"cannot write {what}: {parent} is a file, not a folder")
+    if not p.exists() and not os.access(parent, os.W_OK):
+        raise ConceptlensError(f"cannot write {what}: {parent} is not writable")
 
 
 def check_outputs(a: argparse.Namespace) -> None:
@@ -204,9 +210,7 @@ def check_outputs(a: argparse.Namespace) -> None:
         if r.is_dir() and any(r.iterdir()) and not getattr(a, "overwrite", False):
             raise ConceptlensError(f"--report {report} already holds files: pass --overwrite to replace that report, "
                                    "or give another folder")
-        parent = next((p for p in [r, *r.parents] if p.exists()), Path("."))
-        if not os.access(parent, os.W_OK):
-            raise ConceptlensError(f"--report {report}: {parent} is not writable")
+        _writable_parent(r, f"--report {report}")
 
 
 def write_json(path: str | None, obj: dict) -> None:

@@ -17,7 +17,7 @@ def register(sub) -> None:
     add_outputs(p, report=False, output="table")
     p = command(sub, "export", "write features in clip-retrieval's layout (img_emb/*.npy + metadata/*.parquet)", export)
     p.add_argument("--out", required=True, help="a new folder; embedding-reader reads it, autofaiss indexes it, --data takes it")
-    p.add_argument("--rows-per-file", type=positive, default=100_000)
+    p.add_argument("--rows-per-file", type=positive, default=100_000, help="rows per img_emb/metadata part")
     p = command(sub, "zeroshot", "zero-shot classification (CLIP_benchmark JSON)", zeroshot)
     p.add_argument("--templates", default="openai", help="openai (80), simple, or a file")
     add_outputs(p)

@@ -13,7 +13,8 @@ def register(sub) -> None:
     p.add_argument("--source", required=True, help="model to align, e.g. builtin:mobilenetv2")
     p.add_argument("--target", required=True, help="space to align into, e.g. builtin:lite-clip")
     p.add_argument("--layer", help="named layer of the source model")
-    p.add_argument("--method", default="ridge", choices=["ridge", "procrustes", "sgd"])
+    p.add_argument("--method", default="ridge", choices=["ridge", "procrustes", "sgd"],
+                   help="closed-form ridge, orthogonal Procrustes, or the paper's SGD recipe")
     p.add_argument("--holdout", type=float, default=0.2, help="held-out fraction for the reported metrics")
     add_seed(p)
     p.add_argument("--out", required=True, help="aligner file (.safetensors)")

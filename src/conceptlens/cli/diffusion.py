@@ -12,7 +12,8 @@ def register(sub) -> None:
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="builtin:tiny-diffusion-cifar10", help="builtin:tiny-diffusion-cifar10 or diffusers:DIR")
     add_data(p)
-    p.add_argument("--strategy", default="halving", choices=["fixed", "adaptive", "ttest", "halving"])
+    p.add_argument("--strategy", default="halving", choices=["fixed", "adaptive", "ttest", "halving"],
+                   help="how denoiser evaluations are spent over the classes (README, Diffusion classifiers)")
     p.add_argument("--budget", type=positive, help="denoiser evaluations per image (halving)")
     p.add_argument("--n-samples", type=positive, default=30, help="samples per class (fixed)")
     p.add_argument("--preset", default="cifar10", help="adaptive schedule preset: cifar10 (keep 5,1; 50,500; L1)")

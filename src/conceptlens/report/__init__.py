@@ -5,6 +5,6 @@ from .pages import (cbm_report, decode_report, diagnose_report, diffusion_report
                     predictions_section, search_report, zeroshot_report)
 
 __all__ = ["acc_text", "bar_figure", "cbm_report", "confusion_figure", "decode_report", "diagnose_report",
-           "diffusion_report", "explain_report", "fig_b64", "format_table", "heatmap_figure", "image_cards", "linear_probe_report",
-           "prediction_cards", "predictions_section", "results_table", "search_report", "stratified_positions", "table_text",
-           "thumb_b64", "wilson", "write_html", "zeroshot_report"]
+           "diffusion_report", "explain_report", "fig_b64", "format_table", "heatmap_figure", "image_cards",
+           "linear_probe_report", "prediction_cards", "predictions_section", "results_table", "search_report",
+           "stratified_positions", "table_text", "thumb_b64", "wilson", "write_html", "zeroshot_report"]

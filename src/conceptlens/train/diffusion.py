@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from ..data import load_dataset, to_arrays
 from ..errors import ConceptlensError
 from ..io import atomic_save_npy, cache_dir, digest, file_sha256, progress, read_safetensors_meta
-from ..models.denoisers import SYNONYMS, TRAIN_TEMPLATES, TinyDiffusion, add_noise, default_path, export_weights
+from ..models.denoisers import SYNONYMS, TRAIN_TEMPLATES, TinyDiffusion, add_noise, export_weights
 from ..runtime import autocast, resolve_device, resolve_precision, to_device
 from .checkpoint import load_checkpoint, save_checkpoint
 
@@ -174,7 +174,7 @@ def _train(data: str, out: Path, steps: int, batch_size: int, lr: float, seed: i
         print(f"stopped at step {step}; checkpoint {ckpt} (rerun the same command to resume)", file=sys.stderr)
     result = {"step": step, "checkpoint": str(ckpt)}
     if step >= steps:
-        result["exported"] = str(export_from_checkpoint(ckpt, export or default_path()))
+        result["exported"] = str(export_from_checkpoint(ckpt, export or out / "model.safetensors"))  # never the asset
     return result
 
 
