@@ -3,13 +3,13 @@ PY ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.setup-stamp
-APT_PKGS := wordnet-base dataset-fashion-mnist
+APT_PKGS := wordnet-base dataset-fashion-mnist chromium
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test lint bench clean-cache
+.PHONY: setup demo test test-slow lint bench clean-cache
 
 setup: $(STAMP)
 
@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml requirements/dev.txt requirements/nodeps.txt
 	  missing=""; for p in $(APT_PKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	  if [ -n "$$missing" ]; then echo "apt-get install$$missing"; \
 	    (apt-get install -y -q $$missing || (apt-get update -q && apt-get install -y -q $$missing)) >/dev/null; fi; \
-	else echo "not root or no apt-get: install Debian packages $(APT_PKGS) yourself for WordNet and Fashion-MNIST"; fi
+	else echo "not root or no apt-get: install Debian packages $(APT_PKGS) yourself (WordNet, Fashion-MNIST, the report browser test)"; fi
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV) || python3 -m venv $(VENV)
 	$(BIN)/pip install -q -r requirements/dev.txt
 	$(BIN)/pip install -q -c requirements/dev.txt -e .
@@ -26,14 +26,17 @@ $(STAMP): pyproject.toml requirements/dev.txt requirements/nodeps.txt
 	@touch $(STAMP)
 
 demo: setup
-	$(BIN)/conceptlens demo --report out/demo
+	$(BIN)/conceptlens demo --report out/demo --overwrite
 
 lint: setup
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/lint-imports
 
 test: lint
-	$(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest tests -m "not slow"
+
+test-slow: setup  # heavy real-data floors (../shared): CI runs them after `make test`
+	$(BIN)/python -m pytest tests -m slow
 
 bench: setup
 	$(BIN)/python benchmarks/run_all.py

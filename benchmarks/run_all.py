@@ -4,8 +4,8 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-NAMES = ("startup", "scale", "device_check", "reliability", "zeroshot_accuracy", "embed_speed", "embed_memory", "lite_clip",
-         "text_to_concept", "falcon", "clip_training", "diffusion")
+NAMES = ("startup", "scale", "device_check", "reliability", "cli_timings", "zeroshot_accuracy", "embed_speed",
+         "embed_memory", "lite_clip", "text_to_concept", "falcon", "clip_training", "diffusion")
 
 
 def main() -> None:

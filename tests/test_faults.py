@@ -16,8 +16,8 @@ from PIL import Image
 
 from conceptlens.cli import main
 from conceptlens.data import load_dataset
-from conceptlens.features import cache_key, embed, embed_texts
-from conceptlens.io import cache_dir, digest
+from conceptlens.features import cache_key, embed, embed_texts, text_cache_key
+from conceptlens.io import cache_dir
 from conceptlens.models import load_model
 from conftest import two_class_folder, write_reliability
 
@@ -133,7 +133,7 @@ embed_texts(load_model("builtin:minilm"), texts, batch_size=8, batches_per_chunk
 def test_a_killed_caption_bank_embedding_resumes_to_identical_rows(tmp_path):
     texts = [f"caption number {i} about a {w}" for i in range(400) for w in ("dog", "boat")]
     enc = load_model("builtin:minilm")
-    key = digest([enc.name, enc.fingerprint, texts])
+    key = text_cache_key(enc, texts)
     partial = cache_dir("text") / f"{key}.partial"
     proc = subprocess.Popen([sys.executable, "-c", CHILD], env=dict(os.environ, CONCEPTLENS_QUIET="1"))
     deadline = time.time() + 120

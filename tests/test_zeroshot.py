@@ -22,8 +22,8 @@ def test_build_classifier_matches_open_clip(vit):
     import open_clip
     from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
     classes = ["dog", "cat", "school bus"]
-    ours = zeroshot.build_classifier(vit, classes, zeroshot.openai_templates())
-    ref = open_clip.build_zero_shot_classifier(vit.model, vit.tokenizer, classes, OPENAI_IMAGENET_TEMPLATES,
+    ours = zeroshot.build_classifier(vit, classes, zeroshot.openai_templates()[::4])  # every 4th: 20 of the 80
+    ref = open_clip.build_zero_shot_classifier(vit.model, vit.tokenizer, classes, OPENAI_IMAGENET_TEMPLATES[::4],
                                                num_classes_per_batch=2, device="cpu", use_tqdm=False)
     assert ours.shape == (3, vit.embed_dim)
     assert (ours - ref.T).abs().max().item() <= 1e-5

@@ -553,6 +553,18 @@ def embed_text_chunk(model: Encoder, chunk: tuple[list[str], int]) -> np.ndarray
                           for i in range(0, len(texts), batch_size)]).cpu().numpy()
 
 
+def text_cache_key(model: Encoder, texts: Sequence[str], device: torch.device | None = None) -> str:
+    """The text cache entry of `texts` (`TEXT_CACHE/KEY.npy`; `KEY.partial/` while being computed)."""
+    return digest([model.text_model, model.text_fingerprint, list(texts), "length-sorted",
+                   *cache_tag(device or torch.device("cpu"))])
+
+
+def _unsort(X: np.ndarray, order: np.ndarray) -> np.ndarray:
+    out = np.empty_like(X)
+    out[order] = X
+    return out
+
+
 def embed_texts(model: Encoder, texts: Sequence[str], batch_size: int = 512, use_cache: bool = True,
                 device: str | torch.device | None = None, engine: Engine | None = None,
                 show_progress: bool = True, batches_per_chunk: int = 8) -> torch.Tensor:
@@ -571,7 +583,7 @@ def embed_texts(model: Encoder, texts: Sequence[str], batch_size: int = 512, use
     far = engine.is_ray and len(starts) > 1  # a handful of prompts runs here: a Ray round trip would cost more
     if not far:
         dev = model.device
-    key = digest([model.text_model, model.text_fingerprint, texts, *cache_tag(dev)])
+    key = text_cache_key(model, texts, dev)
     path = cache_dir("text") / f"{key}.npy"
     if use_cache and path.exists():
         try:
@@ -583,8 +595,11 @@ def embed_texts(model: Encoder, texts: Sequence[str], batch_size: int = 512, use
         warnings.warn(f"text cache {path.name} is damaged: recomputing it", stacklevel=2)
     if not texts:
         return torch.zeros(0, model.embed_dim)
+    # shortest first: batches of similar lengths pad less (MiniLM on caption banks: 125 -> 180 texts/s here)
+    order = np.argsort([len(t) for t in texts], kind="stable")
+    texts = [texts[i] for i in order]
     if len(starts) == 1:
-        out = embed_text_chunk(model, (texts, batch_size))
+        out = _unsort(embed_text_chunk(model, (texts, batch_size)), order)
     else:
         with contextlib.ExitStack() as stack:
             if use_cache:
@@ -607,7 +622,7 @@ def embed_texts(model: Encoder, texts: Sequence[str], batch_size: int = 512, use
                     bar.update(len(X))
             finally:
                 bar.close()
-            out = np.array(store.feats)
+            out = _unsort(np.array(store.feats), order)
             if use_cache:
                 atomic_save_npy(path, out)
                 shutil.rmtree(root, ignore_errors=True)
