@@ -8,7 +8,6 @@ nearest v' are returned with the words they share.
 """
 from __future__ import annotations
 
-import re
 from collections import Counter
 from dataclasses import dataclass
 from typing import Sequence
@@ -18,11 +17,11 @@ import torch
 import torch.nn.functional as F
 
 from ..data import ImageDataset
-from ..data.wordnet import lemmatize
 from ..errors import ConceptlensError
 from ..features import embed, embed_texts
 from ..models import Encoder, MappedEncoder
-from .vocab import STOP, caption_bank
+from .vocab import caption_bank
+from .words import caption_concepts
 
 DEFAULT_BANKS = ("coco", "flickr8k", "cc3m")
 
@@ -64,11 +63,11 @@ class CaptionMemory:
 
 
 def shared_words(captions: Sequence[str], min_count: int = 2) -> list[str]:
-    """Content words (WordNet-lemmatised) appearing in at least `min_count` of the captions, most common first."""
+    """Content words (lemmatised as FALCON's concepts are: `words.caption_concepts`) in at least `min_count` of
+    the captions, most common first."""
     counts: Counter = Counter()
     for c in captions:
-        words = {lemmatize(w, "n") or w for w in re.findall(r"[a-z]+", c.lower()) if len(w) > 2 and w not in STOP}
-        counts.update(words)
+        counts.update(caption_concepts(c)[0])
     return [w for w, n in counts.most_common() if n >= min_count]
 
 

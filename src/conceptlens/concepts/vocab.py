@@ -17,12 +17,10 @@ from ..errors import ConceptlensError
 from ..eval.zeroshot import build_classifier
 from ..io import read_text, shared_dir
 from ..models import Encoder
+from .words import stop_words
 
 CONCEPT_TEMPLATES = ["a photo of {c}.", "a picture showing {c}.", "an image of {c}.", "{c}"]
-STOP = set("""a an the and or of in on at to with from by for is are was were be been being this that these those
-it its his her their our your my as into onto over under near some two three one four five several many other
-while there here who whom which what when where how very up down out off front back top side next each
-image picture photo photograph view close shot stock""".split())
+STOP = stop_words()
 
 
 def caption_bank(names: Sequence[str] = ("coco", "flickr8k", "cc3m"), root: Path | None = None,

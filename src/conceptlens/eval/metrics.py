@@ -11,16 +11,17 @@ from ..models import split_model_uri
 
 
 def metrics(scores: torch.Tensor | np.ndarray, labels: torch.Tensor | np.ndarray) -> dict[str, float]:
-    """acc1, acc5 (NaN under 5 classes) and mean_per_class_recall, as CLIP_benchmark computes them."""
+    """acc1, acc5 (NaN under 5 classes) and mean_per_class_recall, as CLIP_benchmark computes them: top-k by
+    torch.topk as its `accuracy` does (ties break alike), the recall by scikit-learn's balanced_accuracy_score."""
+    from sklearn.metrics import balanced_accuracy_score
     scores = torch.as_tensor(scores)
     labels = torch.as_tensor(labels).long()
     n_cls = scores.shape[1]
     top = scores.topk(min(5, n_cls), dim=1).indices
     acc1 = (top[:, 0] == labels).double().mean().item()
     acc5 = (top == labels[:, None]).any(1).double().mean().item() if n_cls >= 5 else float("nan")
-    pred = top[:, 0]
-    recalls = [(pred[labels == c] == c).double().mean().item() for c in labels.unique().tolist()]
-    return {"acc1": acc1, "acc5": acc5, "mean_per_class_recall": float(np.mean(recalls))}
+    recall = balanced_accuracy_score(labels.numpy(), top[:, 0].numpy())
+    return {"acc1": acc1, "acc5": acc5, "mean_per_class_recall": float(recall)}
 
 
 def result_json(dataset: str, model: str, task: str, metric: dict) -> dict:

