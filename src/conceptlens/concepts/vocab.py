@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import json
 import re
 from collections import Counter
 from pathlib import Path
@@ -12,10 +13,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..data.wordnet import hypernym_words, is_word
+from ..data.wordnet import WORDNET_DIR, hypernym_words, is_word
 from ..errors import ConceptlensError
 from ..eval.zeroshot import build_classifier
-from ..io import read_text, shared_dir
+from ..io import atomic_write_json, cache_dir, digest, read_text, shared_dir
 from ..models import Encoder
 from .words import stop_words
 
@@ -53,9 +54,36 @@ def frequent_words(captions: Sequence[str], n: int = 400, min_len: int = 3) -> l
     return [w for w, _ in counts.most_common(n * 3) if is_word(w)][:n]
 
 
+def _files_key(paths: Sequence[Path]) -> list:
+    return [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in paths if p.exists()]
+
+
+def _disk_cached(name: str, key_parts: list, compute) -> list[str]:
+    """A list of words cached in the cache folder under a key of its inputs (recomputed if absent or damaged)."""
+    path = cache_dir("vocab") / f"{name}-{digest(key_parts)}.json"
+    try:
+        words = json.loads(path.read_text())
+        if isinstance(words, list) and all(isinstance(w, str) for w in words):
+            return words
+    except (OSError, ValueError):
+        pass
+    words = compute()
+    atomic_write_json(path, words)
+    return words
+
+
 def default_concepts(classnames: Sequence[str] | None = None, n_words: int = 400,
                      banks: Sequence[str] = ("coco", "flickr8k", "cc3m")) -> list[str]:
-    """Class names, their WordNet hypernyms, and frequent caption words (plus domain/style words)."""
+    """Class names, their WordNet hypernyms, and frequent caption words (plus domain/style words); cached on disk
+    by its inputs (class names, the caption-bank and WordNet files): building it reads WordNet and 200,000
+    captions, seconds that every cbm / diagnose run would pay again."""
+    root = shared_dir() / "data" / "captions"
+    files = [Path(b) if Path(b).exists() else root / f"{b}.txt.gz" for b in banks] + sorted(WORDNET_DIR.glob("*"))
+    return _disk_cached("concepts", ["default-concepts-1", list(classnames or []), n_words, list(banks), _files_key(files)],
+                        lambda: _default_concepts(classnames, n_words, banks))
+
+
+def _default_concepts(classnames: Sequence[str] | None, n_words: int, banks: Sequence[str]) -> list[str]:
     out: list[str] = []
     for c in classnames or []:
         out += [c] + hypernym_words(c)

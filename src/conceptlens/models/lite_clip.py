@@ -52,7 +52,7 @@ class LiteCLIP(Encoder):
         if not path.exists():
             raise ConceptlensError(f"lite-clip weights missing at {path}: run `conceptlens build lite-clip`")
         self.vision = efficientnet_lite0(layer=layer)
-        self.text = minilm()
+        self._text = None  # MiniLM loads on the first text (seconds): cached text embeddings never need it
         t = load_file(str(path))
         self.metadata = read_safetensors_meta(path, required=False)
         self.head = TextHead(t["keys"].float(), t["node_of"].long(), t["nodes"].float(),
@@ -67,11 +67,18 @@ class LiteCLIP(Encoder):
         self.embed_dim = self.vision.embed_dim
         self.path = path
 
+    @property
+    def text(self):
+        """The MiniLM sentence encoder, loaded on first use, on this model's device."""
+        if self._text is None:
+            self._text = minilm().to(self.device)
+        return self._text
+
     def modules(self):
-        return self.vision.modules() + self.text.modules() + [self.head]
+        return self.vision.modules() + (self._text.modules() if self._text is not None else []) + [self.head]
 
     def encoders(self):
-        return [self, self.vision, self.text]
+        return [self, self.vision] + ([self._text] if self._text is not None else [])
 
     def own_modules(self):
         return [self.head]
