@@ -48,7 +48,7 @@ def main() -> None:
         per = {}
         for c, cname in enumerate(te.classnames):
             r = explain(np.asarray(te.X), te_ds, te.keys, model, vl, bank, direction=probe.coef_[c], top_n=20)
-            r.pop("_crops")
+            r.pop("_crops"), r.pop("_overlays")
             top3 = [w["concept"] for w in r["words"][:3]]
             ok = bool(set(top3) & accepted_words(cname))
             hits_all.append(ok)
@@ -65,7 +65,7 @@ def main() -> None:
     gres = []
     for g in groups[:3]:
         r = explain(np.asarray(te.X), te_ds, te.keys, model, vl, bank, features=g["features"], max_crops=12)
-        r.pop("_crops")
+        r.pop("_crops"), r.pop("_overlays")
         gres.append({"features": g["features"], "n_images": len(g["images"]), "words": r["words"][:5],
                      "crop_coherence": r["crop_coherence"], "interpretable": r["crop_coherence"] > 0.8})
     out["groups_imagenette"] = {"n_groups": len(groups), "top": gres}

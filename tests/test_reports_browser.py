@@ -108,3 +108,4 @@ def test_reports_carry_provenance_and_labels(reports):
         assert prov["datasets"] and all({"spec", "n_images", "identity"} <= set(d) for d in prov["datasets"]), name
     assert "#1 · score" in reports["search"].read_text()
     assert "Wilson" in reports["zeroshot"].read_text() and "A: data" in reports["diagnose"].read_text()
+    assert "Grad-CAM heat maps" in reports["explain"].read_text()

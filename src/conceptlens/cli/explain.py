@@ -45,10 +45,10 @@ def explain(a) -> None:
     for r in res:
         print(f"{r['name']} ({r['n_high']} images): words: {', '.join(w['concept'] for w in r['words'])}")
         print(f"    phrases: {', '.join(p['concept'] for p in r['phrases'])}")
-    crops = [r.pop("_crops", []) for r in res]
+    images = [(r.pop("_crops", []), r.pop("_overlays", [])) for r in res]
     write_json(a.output, {"model": model.name, "vl_model": vl.name, "explanations": res})
     if a.report:
         from ..report import explain_report
-        for r, c in zip(res, crops):
-            r["_crops"] = c
+        for r, (c, o) in zip(res, images):
+            r["_crops"], r["_overlays"] = c, o
         print(f"report: {explain_report(res, ds, model.name, vl.name, Path(a.report), provenance())}")

@@ -143,9 +143,10 @@ def find_groups(R: np.ndarray, k: float = 5.0, min_images: int = 10) -> list[dic
 
 # ----------------------------------------------------------------------------------------- crops
 def gradcam_crops(model: Encoder, images: list[Image.Image], target: np.ndarray | Sequence[int], direction: bool,
-                  threshold: float = 0.6, size: int = 224) -> list[Image.Image]:
+                  threshold: float = 0.6, size: int = 224, overlays: list | None = None) -> list[Image.Image]:
     """Grad-CAM crops on the last conv layer (objective: the summed features or the projection on a direction);
-    the largest connected region above `threshold` of the normalised map, cropped from the model's input view."""
+    the largest connected region above `threshold` of the normalised map, cropped from the model's input view.
+    `overlays`, if given, receives each input view with its heat map blended in (for reports)."""
     layer = model.spatial_module()
     views = [_input_view(model, im) for im in images]
     if layer is None:
@@ -167,6 +168,8 @@ def gradcam_crops(model: Encoder, images: list[Image.Image], target: np.ndarray 
             cam = F.relu((w * a).sum(1, keepdim=True))
             cam = F.interpolate(cam, size=view.size[::-1], mode="bilinear", align_corners=False)[0, 0].detach().cpu().numpy()
             cam = (cam - cam.min()) / (cam.max() - cam.min() + 1e-12)
+            if overlays is not None:
+                overlays.append(heat_overlay(view, cam))
             lab, n = ndimage.label(cam >= threshold)
             if n == 0:
                 out.append(view.resize((size, size)))
@@ -178,6 +181,13 @@ def gradcam_crops(model: Encoder, images: list[Image.Image], target: np.ndarray 
     finally:
         h.remove()
     return out
+
+
+def heat_overlay(view: Image.Image, cam: np.ndarray, alpha: float = 0.5) -> Image.Image:
+    """The view with a Grad-CAM map [H, W] in [0, 1] blended in (dark blue = 0 ... yellow = 1)."""
+    heat = np.stack([np.clip(2 * cam, 0, 1), np.clip(2 * cam - 1, 0, 1), np.clip(0.6 - cam, 0, 1)], -1)
+    base = np.asarray(view.convert("RGB"), np.float32) / 255
+    return Image.fromarray((((1 - alpha) * base + alpha * heat).clip(0, 1) * 255).astype(np.uint8))
 
 
 def _input_view(model, im: Image.Image) -> Image.Image:
@@ -199,7 +209,8 @@ def explain(R: np.ndarray, dataset, keys: Sequence[str], model, vl_model, bank: 
     high = high_images(R, vals, k, top_n, matrix_threshold=direction is None)[:max_crops]
     imgs = images_at(dataset, [keys[i] for i in high])
     target = direction if direction is not None else list(features)
-    crops = gradcam_crops(model, imgs, target, direction is not None) if use_gradcam else imgs
+    overlays: list[Image.Image] = []
+    crops = gradcam_crops(model, imgs, target, direction is not None, overlays=overlays) if use_gradcam else imgs
     crop_emb = F.normalize(vl_model.encode_image(crops).float().cpu(), dim=-1)
     words, phrases, per_crop = concept_scores(bank, crop_emb, captions_per_crop)
     low = low_images(R, vals, high, None if direction is not None else np.asarray(features), low_sim, n_low)
@@ -218,7 +229,7 @@ def explain(R: np.ndarray, dataset, keys: Sequence[str], model, vl_model, bank: 
             "words": [{"concept": c, "score": s} for c, s in top_w],
             "phrases": [{"concept": c, "score": s} for c, s in top_p],
             "removed_by_contrast": removed, "crop_coherence": coherence, "captions": per_crop[:5],
-            "_crops": crops}
+            "_crops": crops, "_overlays": overlays}
 
 
 def transfer_target(aligner: Path | str, features: Sequence[int], model: Encoder) -> dict:

@@ -175,10 +175,11 @@ def decode_report(res: dict, report: Path) -> Path:
 def explain_report(results: list[dict], data: ImageDataset, model_name: str, vl_name: str, report: Path,
                    provenance: dict | None = None) -> Path:
     """Per explanation: word and phrase scores (two charts), the Grad-CAM crops of the highly activating images,
-    the captions retrieved for them, and the low-activating counterfactuals. Pops `_crops`."""
+    their Grad-CAM heat maps, the captions retrieved for them, and the low-activating counterfactuals.
+    Pops `_crops` and `_overlays`."""
     sections = []
     for res in results:
-        crops = res.pop("_crops", [])
+        crops, overlays = res.pop("_crops", []), res.pop("_overlays", [])
         name = res["name"]
         sections.append({"title": f"{name}: {', '.join(w['concept'] for w in res['words'][:5])}",
                          "text": "removed by the contrastive step: " + (", ".join(res["removed_by_contrast"]) or "none")})
@@ -191,6 +192,12 @@ def explain_report(results: list[dict], data: ImageDataset, model_name: str, vl_
                          "note": f"{shown} of {res['n_high']} images shown; crop coherence {res['crop_coherence']:.2f}",
                          "cards": image_cards(crops[:shown], res["high_keys"][:shown],
                                               [f"#{i + 1} · {_label(data, k)}" for i, k in enumerate(res["high_keys"][:shown])])})
+        if overlays:
+            sections.append({"title": f"{name}: Grad-CAM heat maps of the same images",
+                             "note": "yellow: where the explained features respond; the crop above is the largest "
+                                     "region above 0.6 of the map",
+                             "cards": image_cards(overlays[:shown], res["high_keys"][:shown],
+                                                  [f"#{i + 1}" for i in range(min(shown, len(overlays)))])})
         if res.get("captions"):
             sections.append({"title": f"{name}: captions retrieved for the top crops", "table": [["crop", "captions"]] + [
                 [res["high_keys"][i] if i < len(res["high_keys"]) else i,
