@@ -183,3 +183,14 @@ def test_text_embeddings_are_cached_by_text_tower(tmp_path, image_folder):
     b = embed_texts(aligned, texts)  # the same entry: no second embedding
     assert len(new) == 1 and set(cache_dir("text").glob("*.npy")) - before == new
     assert (a == b).all()
+
+
+def test_demo_without_shared_data_runs_on_the_bundled_photos(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("CONCEPTLENS_SHARED", str(tmp_path / "none"))
+    rep = tmp_path / "demo"
+    assert main(["demo", "--report", str(rep)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("demo: 1 sets, about") and "bundled sample photos only" in out
+    res = json.loads((rep / "results.json").read_text())
+    assert set(res) == {"samples", "provenance"} and res["samples"]["n_images"] == 16
+    assert main(["demo", "--report", str(rep)]) == 2  # an existing report needs --overwrite
