@@ -157,11 +157,21 @@ _PROVENANCE_ARGS = ("model", "layer", "aligner", "source", "target", "vl_model",
 
 
 def provenance() -> dict:
-    """The provenance block of this command's results (see `conceptlens.io.provenance`)."""
-    from ..io import provenance as base
-    a = RUN.get("args")
-    args = {k: getattr(a, k) for k in _PROVENANCE_ARGS if a is not None and getattr(a, k, None) is not None}
-    return base(verb=getattr(a, "cmd", None), args=args, datasets=RUN["datasets"])
+    """The provenance block of this command's results (see `conceptlens.io.provenance`); built once, after the
+    inputs are loaded, so the JSON and the report of one run carry the same block."""
+    if "provenance" not in RUN:
+        from ..io import provenance as base
+        a = RUN.get("args")
+        args = {k: getattr(a, k) for k in _PROVENANCE_ARGS if a is not None and getattr(a, k, None) is not None}
+        RUN["provenance"] = base(verb=getattr(a, "cmd", None), args=args, datasets=RUN["datasets"])
+    return RUN["provenance"]
+
+
+def write_report(a: argparse.Namespace, page: str, res: dict, *inputs, **kw) -> None:
+    """If --report was given: `conceptlens.report.<page>(res + provenance, *inputs, report_dir, **kw)`, printed."""
+    if a.report:
+        from .. import report
+        print(f"report: {getattr(report, page)(res | {'provenance': provenance()}, *inputs, Path(a.report), **kw)}")
 
 
 def load_vectors(path: str):

@@ -1,8 +1,8 @@
 """`models`, `embed`, `zeroshot`, `linear-probe`: CLIP zero-shot and linear probes (CLIP_benchmark's JSON)."""
 from __future__ import annotations
 
-from ._options import (add_outputs, command, dataset_of, embed_kwargs, model_of, output_path, positive, provenance, table,
-                       write_json)
+from ._options import (add_outputs, command, dataset_of, embed_kwargs, model_of, output_path, positive, table,
+                       write_json, write_report)
 
 
 def register(sub) -> None:
@@ -84,9 +84,7 @@ def zeroshot(a) -> None:
            [res["dataset"], model.name, res["n_images"], res["n_skipped"], f"{m['acc1']:.4f}", f"{m['acc5']:.4f}",
             f"{m['mean_per_class_recall']:.4f}"]])
     write_json(a.output, res)
-    if a.report:
-        from ..report import zeroshot_report
-        print(f"report: {zeroshot_report(res | {'provenance': provenance()}, ds, feats, scores.numpy(), a.report)}")
+    write_report(a, "zeroshot_report", res, ds, feats, scores.numpy())
 
 
 def linear_probe(a) -> None:
@@ -106,6 +104,4 @@ def linear_probe(a) -> None:
         from ..io import atomic_save_npy
         atomic_save_npy(a.save_weights, weights)
         print(f"wrote {a.save_weights} ({weights.shape[0]} class directions; explain them with --direction)")
-    if a.report:
-        from ..report import linear_probe_report
-        print(f"report: {linear_probe_report(res | {'provenance': provenance()}, test, feats, scores, a.report)}")
+    write_report(a, "linear_probe_report", res, test, feats, scores)

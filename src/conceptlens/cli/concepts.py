@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ._options import (add_outputs, add_seed, command, command_line, dataset_of, embed_kwargs, load_on_device,
-                       load_vectors, model_of, positive, provenance, table, write_json)
+                       load_vectors, model_of, positive, table, write_json, write_report)
 
 
 def register(sub) -> None:
@@ -67,9 +67,7 @@ def cbm(a) -> None:
     for c, ws in res["top_concepts"].items():
         print(f"  {c}: " + ", ".join(f"{w['concept']} ({w['weight']:.2f})" for w in ws[:6]))
     write_json(a.output, res)
-    if a.report:
-        from ..report import cbm_report
-        print(f"report: {cbm_report(res | {'provenance': provenance()}, Path(a.report))}")
+    write_report(a, "cbm_report", res)
 
 
 def diagnose(a) -> None:
@@ -82,9 +80,7 @@ def diagnose(a) -> None:
           [[r["concept"], f"{r['diff']:+.3f}", f"{r['t']:.1f}", f"{r['cohens_d']:+.2f}", f"{r['q']:.1e}"]
            for r in res["concepts"][:a.top]])
     write_json(a.output, res)
-    if a.report:
-        from ..report import diagnose_report
-        print(f"report: {diagnose_report(res | {'provenance': provenance()}, da, db, Path(a.report), a.top)}")
+    write_report(a, "diagnose_report", res, da, db, top=a.top)
 
 
 def search(a) -> None:
@@ -99,9 +95,7 @@ def search(a) -> None:
     if res.get("note"):
         print(res["note"])
     write_json(a.output, res)
-    if a.report:
-        from ..report import search_report
-        print(f"report: {search_report(res | {'provenance': provenance()}, ds, Path(a.report))}")
+    write_report(a, "search_report", res, ds)
 
 
 def decode(a) -> None:
@@ -116,6 +110,4 @@ def decode(a) -> None:
         for c in o["captions"][:3]:
             print(f"    {c['score']:.3f}  {c['caption']}")
     write_json(a.output, res)
-    if a.report:
-        from ..report import decode_report
-        print(f"report: {decode_report(res | {'provenance': provenance()}, Path(a.report))}")
+    write_report(a, "decode_report", res)

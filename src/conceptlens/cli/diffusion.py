@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from ._options import (add_data, add_device, add_outputs, add_precision, add_seed, dataset_of, load_on_device, positive,
-                       provenance, table, write_json)
+                       table, write_json, write_report)
 
 
 def register(sub) -> None:
@@ -42,6 +42,4 @@ def classify(a) -> None:
            [res["dataset"], clf.model.name, a.strategy, res["n_images"], f"{m['acc1']:.4f}",
             f"{m['evals_per_image']:.0f}", f"{m['seconds_per_image']:.2f}"]])
     write_json(a.output, res)
-    if a.report:
-        from ..report import diffusion_report
-        print(f"report: {diffusion_report(res | {'provenance': provenance()}, ds, scores.numpy(), a.report)}")
+    write_report(a, "diffusion_report", res, ds, scores.numpy())

@@ -54,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         from ..engine import using  # light: no torch work until a model is built
         from ..io import is_stdout
         from ._options import RUN, check_outputs, engine_of
+        RUN.clear()
         RUN.update(args=args, datasets=[])
         check_outputs(args)
         # JSON on standard output: every message of ours goes to stderr, so stdout is the JSON alone

@@ -9,6 +9,7 @@ from ..errors import ConceptlensError
 PHOTO_WORDS = frozenset("image picture photo photograph view close shot stock".split())  # say nothing of content
 
 
+@lru_cache(maxsize=1)
 def stop_words() -> frozenset[str]:
     """spaCy's English stop words plus words that describe the photo rather than its content."""
     from spacy.lang.en.stop_words import STOP_WORDS  # the word list alone: no pipeline load
@@ -29,7 +30,7 @@ def _nlp():
 def caption_concepts(caption: str) -> tuple[frozenset, frozenset]:
     """(words, phrases) of a caption: lemmatised nouns/verbs/adjectives and noun phrases, no stop words."""
     doc = _nlp()(caption)
-    stop = _stop()
+    stop = stop_words()
     words = {t.lemma_.lower() for t in doc if t.pos_ in ("NOUN", "VERB", "ADJ") and not t.is_stop
              and t.lemma_.lower() not in stop and len(t.lemma_) > 2 and t.lemma_.isalpha()}
     phrases = set()
@@ -39,7 +40,3 @@ def caption_concepts(caption: str) -> tuple[frozenset, frozenset]:
             phrases.add(" ".join(t.lemma_.lower() for t in toks))
     return frozenset(words), frozenset(phrases)
 
-
-@lru_cache(maxsize=1)
-def _stop() -> frozenset[str]:
-    return stop_words()

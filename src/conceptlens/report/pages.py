@@ -25,18 +25,21 @@ def _write(report: Path, title: str, sections: list[dict], name: str, res: dict)
     return report / "index.html"
 
 
-def _label(data: ImageDataset, key: str) -> str:
-    i = data.keys.index(key) if key in data.keys else -1
-    if i < 0 or data.labels[i] < 0:
-        return ""
-    return data.classnames[data.labels[i]] if data.classnames else str(data.labels[i])
+def _labels(data: ImageDataset, keys: Sequence[str]) -> list[str]:
+    """The class name of each key ("" when unlabelled), through one key -> row index."""
+    row = {k: i for i, k in enumerate(data.keys)}
+    out = []
+    for k in keys:
+        y = int(data.labels[row[k]]) if k in row else -1
+        out.append("" if y < 0 else data.classnames[y] if data.classnames else str(y))
+    return out
 
 
 def _labelled_cards(data: ImageDataset, keys: Sequence[str], scores: Sequence[float] | None = None,
                     what: str = "score") -> list[dict]:
     """Ranked thumbnails: `#rank · score · class` under each."""
-    meta = [" · ".join(x for x in (f"#{i + 1}", f"{what} {scores[i]:.3f}" if scores is not None else "",
-                                   _label(data, k)) if x) for i, k in enumerate(keys)]
+    meta = [" · ".join(x for x in (f"#{i + 1}", f"{what} {scores[i]:.3f}" if scores is not None else "", label) if x)
+            for i, label in enumerate(_labels(data, keys))]
     return image_cards(images_at(data, list(keys)), list(keys), meta)
 
 
@@ -91,10 +94,10 @@ def zeroshot_report(res: dict, data: ImageDataset, features, scores, report: Pat
 
 def diffusion_report(res: dict, data: ImageDataset, scores, report: Path) -> Path:
     """Diffusion zero-shot: the images it scored are `res["predictions"]` (unreadable ones were skipped)."""
-    label = dict(zip(data.keys, np.asarray(data.labels).tolist()))
     keys = [p["key"] for p in res["predictions"]]
-    return classification_report(res, data, keys, [label[k] for k in keys], scores, report, "diffusion",
-                                 f"Diffusion zero-shot classification ({res.get('strategy', '')})")
+    row = {k: i for i, k in enumerate(data.keys)}
+    return classification_report(res, data, keys, np.asarray(data.labels)[[row[k] for k in keys]], scores, report,
+                                 "diffusion", f"Diffusion zero-shot classification ({res.get('strategy', '')})")
 
 
 def linear_probe_report(res: dict, data: ImageDataset, features, scores, report: Path) -> Path:
@@ -191,7 +194,8 @@ def explain_report(results: list[dict], data: ImageDataset, model_name: str, vl_
         sections.append({"title": f"{name}: highly activating crops",
                          "note": f"{shown} of {res['n_high']} images shown; crop coherence {res['crop_coherence']:.2f}",
                          "cards": image_cards(crops[:shown], res["high_keys"][:shown],
-                                              [f"#{i + 1} · {_label(data, k)}" for i, k in enumerate(res["high_keys"][:shown])])})
+                                              [f"#{i + 1} · {c}" for i, c in
+                                               enumerate(_labels(data, res["high_keys"][:shown]))])})
         if overlays:
             sections.append({"title": f"{name}: Grad-CAM heat maps of the same images",
                              "note": "yellow: where the explained features respond; the crop above is the largest "
