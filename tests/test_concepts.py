@@ -73,6 +73,29 @@ def test_cbm_is_sparse_and_accurate_on_separable_concepts():
     assert cbm.top_concepts([f"c{i}" for i in range(40)], ["k0", "k1", "k2"])["k1"][0][0] == "c1"
 
 
+@pytest.mark.parametrize("C", [0.05, 1.0])
+def test_l1_logistic_matches_scikit_learn_saga(C):
+    """Parity: our FISTA solver reaches scikit-learn's L1 multinomial objective (SAGA run to a tight tolerance)."""
+    from sklearn.linear_model import LogisticRegression
+    from conceptlens.concepts.cbm import _softmax, l1_logistic
+    rng = np.random.default_rng(1)
+    Z = rng.normal(size=(300, 10)) @ rng.normal(size=(10, 60)) + 0.3 * rng.normal(size=(300, 60))
+    Z = (Z - Z.mean(0)) / Z.std(0)
+    y = (Z[:, :4] + rng.normal(size=(300, 4))).argmax(1)
+    lam = 1.0 / (C * len(Z))
+    W, b, it = l1_logistic(Z, np.eye(4)[y], lam, tol=1e-8, max_iter=50000)
+    ref = LogisticRegression(l1_ratio=1.0, C=C, solver="saga", tol=1e-9, max_iter=50000).fit(Z, y)
+
+    def objective(W, b):
+        return -np.log(_softmax(Z @ W + b)[np.arange(len(Z)), y]).mean() + lam * np.abs(W).sum()
+
+    assert it < 50000
+    assert objective(W, b) <= objective(ref.coef_.T, ref.intercept_) + 1e-7
+    # the L1 multinomial minimiser need not be unique; its predicted probabilities are
+    assert np.abs(_softmax(Z @ W + b) - ref.predict_proba(Z)).max() < 1e-3
+    assert ((W != 0) == (ref.coef_.T != 0)).mean() > 0.95
+
+
 def test_caption_memory_decodes_its_own_captions():
     from conceptlens.models.text import minilm
     caps = ["a dog runs on the grass", "a red car parked on a street", "two children play on a beach",

@@ -21,7 +21,6 @@ from ..models import Encoder
 from .words import stop_words
 
 CONCEPT_TEMPLATES = ["a photo of {c}.", "a picture showing {c}.", "an image of {c}.", "{c}"]
-STOP = stop_words()
 
 
 def caption_bank(names: Sequence[str] = ("coco", "flickr8k", "cc3m"), root: Path | None = None,
@@ -49,8 +48,9 @@ def caption_bank(names: Sequence[str] = ("coco", "flickr8k", "cc3m"), root: Path
 
 def frequent_words(captions: Sequence[str], n: int = 400, min_len: int = 3) -> list[str]:
     """The n most frequent content words (WordNet nouns/adjectives/verbs, stop words dropped) of a bank."""
+    stop = stop_words()
     counts = Counter(w for c in captions for w in re.findall(r"[a-z]+", c.lower())
-                     if len(w) >= min_len and w not in STOP)
+                     if len(w) >= min_len and w not in stop)
     return [w for w, _ in counts.most_common(n * 3) if is_word(w)][:n]
 
 
