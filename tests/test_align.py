@@ -53,6 +53,17 @@ def test_ridge_equals_numpy_least_squares_and_streaming_equals_in_memory(monkeyp
     assert abs(r2 - al.metrics_["r2"]) < 1e-5 and abs(al.score(X[ho], Y[ho]) - r2) < 1e-5
 
 
+def test_ridge_equals_scikit_learn_ridge_at_the_chosen_penalty():
+    """Parity: the eigendecomposition search + Cholesky solve give scikit-learn's Ridge at the chosen alpha."""
+    from sklearn.linear_model import Ridge
+    X, Y, _, _ = synthetic(n=3000, noise=0.5)
+    al = Aligner("ridge", alphas=[1e-2, 1.0, 30.0]).fit(X, Y)
+    ref = Ridge(alpha=al.alpha_).fit(X[al.train_rows_].astype(np.float64), Y[al.train_rows_].astype(np.float64))
+    assert np.abs(al.W_ - ref.coef_).max() < 1e-4 and np.abs(al.b_ - ref.intercept_).max() < 1e-4
+    Xr = np.concatenate([X, X[:, :3]], axis=1)  # rank-deficient and no penalty: still the least-squares map
+    assert np.isfinite(Aligner("ridge", alphas=[0.0]).fit(Xr, Y).W_).all()
+
+
 def test_ridge_penalty_is_chosen_on_held_out_rows():
     X, Y, _, _ = synthetic(n=120, ds=60, noise=2.0)  # few rows, many dims: some shrinkage must win
     al = Aligner("ridge").fit(X, Y)

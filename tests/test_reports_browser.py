@@ -59,8 +59,15 @@ def reports(tmp_path_factory):
     }
     for name, argv in runs.items():
         assert main(argv + ["--report", str(r / name)]) == 0, name
+    pages = {name: r / name / "index.html" for name in runs}
+    # training writes its report into its run folder
+    pairs = t / "pairs.csv"
+    pairs.write_text("path,caption\n" + "".join(f"{f},a photo of a {f.parent.name}\n" for f in sorted(data.rglob("*.png"))))
+    (t / "cfg.toml").write_text(f'data = "{pairs}"\nembed_dim = 16\nepochs = 20\nbatch_size = 4\nlr = 0.01\nwarmup = 5\n')
+    assert main(["train", "clip", "--config", str(t / "cfg.toml"), "--out", str(r / "train-run")]) == 0
+    pages["train"] = r / "train-run" / "report" / "index.html"
     mp.undo()
-    return {name: r / name / "index.html" for name in runs}
+    return pages
 
 
 def test_every_report_renders_cleanly_in_chromium(reports, tmp_path):

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from ..errors import ConceptlensError
-from ._options import add_device, add_precision, add_seed, command_line, positive
+from ._options import RUN, add_device, add_precision, add_seed, command_line, positive, provenance
 
 
 def register(sub) -> None:
@@ -66,9 +66,30 @@ def train_diffusion(a) -> None:
               export=_not_an_asset(Path(a.export) if a.export else Path(a.out) / "model.safetensors", a.overwrite),
               device=a.device, precision=a.precision, overwrite=a.overwrite)
     print(json.dumps(res, indent=2))
+    import csv
+    with open(Path(a.out) / "log.csv", newline="") as f:
+        history = list(csv.DictReader(f))
+    config = {k: getattr(a, k) for k in ("data", "steps", "batch_size", "lr", "seed", "ckpt_every", "device", "precision")}
+    prov = res["data"]
+    _report("diffusion", Path(a.out), history, config, res, {"spec": prov["data"], "n_images": prov["n_images"],
+                                                             "identity": prov["identity"]})
 
 
 def train_clip(a) -> None:
     from ..train.clip import train_clip as run
     path = run(a.config, Path(a.out) if a.out else None, device=a.device, overwrite=a.overwrite)
     print(f"wrote {path}  (use it as --model clip:{path})")
+    run_log = json.loads((path.parent / "history.json").read_text())
+    meta = run_log["meta"]
+    _report("clip", path.parent, run_log["history"], meta["config"],
+            {"model": str(path)}, {"spec": meta["config"]["data"], "n_images": meta["n_images"],
+                                   "n_pairs": meta["n_pairs"], "identity": meta["data_fingerprint"]})
+
+
+def _report(kind: str, out: Path, history: list[dict], config: dict, result: dict, data: dict) -> None:
+    """Every training run leaves OUT/report/index.html (curves, settings, provenance incl. its data) beside its log."""
+    from ..report import train_report
+    RUN["datasets"].append(data)
+    page = train_report({"kind": kind, "history": history, "config": config, "result": result,
+                         "provenance": provenance()}, out / "report")
+    print(f"report: {page}")

@@ -109,7 +109,9 @@ def provenance_rows(prov: dict | None) -> list[tuple[str, str]]:
                                                                          if prov.get("git") else "")),
             ("date", prov.get("date", "")), ("torch / python", f"{prov.get('torch', '?')} / {prov.get('python', '?')}")]
     for d in prov.get("datasets", []):
-        rows.append((f"data {d['name']}", f"{d['n_images']} images, {d['n_classes']} classes, {d['spec']}"
+        rows.append((f"data {d.get('name') or Path(str(d['spec'])).name}", f"{d['n_images']} images, "
+                     + (f"{d['n_classes']} classes, " if d.get("n_classes") else "")
+                     + (f"{d['n_pairs']} captions, " if d.get("n_pairs") else "") + str(d["spec"])
                                           + (f", limit {d['limit']}" if d.get("limit") else "")
                                           + f", identity {d['identity'][:12]}"))
     rows += [(k, str(v)) for k, v in prov.get("args", {}).items()]
@@ -190,6 +192,31 @@ def bar_figure(labels: Sequence[str], values: Sequence[float], title: str = "", 
         from matplotlib.patches import Patch
         ax.legend(handles=[Patch(color="#4c78a8", label=legend[0]), Patch(color="#e45756", label=legend[1])],
                   fontsize=8, loc="lower right")
+    return fig
+
+
+def curve_figure(steps: Sequence[float], panels: dict[str, Sequence[float]], smooth: int = 50, log: Sequence[str] = ()):
+    """One panel per series against the step (e.g. loss, learning rate): raw values light, their `smooth`-step
+    moving average dark; series named in `log` on a log scale."""
+    plt = _plt()
+    fig, axes = plt.subplots(len(panels), 1, figsize=(7, 2.4 * len(panels)), sharex=True, squeeze=False)
+    x = np.asarray(steps, float)
+    for ax, (name, ys) in zip(axes[:, 0], panels.items()):
+        y = np.asarray(ys, float)
+        ax.plot(x, y, color="#9ecae9", lw=0.8, label="per step")
+        w = min(smooth, len(y) // 5)
+        if w > 1:
+            avg = np.convolve(y, np.ones(w) / w, mode="valid")
+            ax.plot(x[w - 1:], avg, color="#1f4e79", lw=1.6, label=f"{w}-step mean")
+            ax.legend(fontsize=8, loc="upper right")
+        if name in log and (y > 0).all():
+            from matplotlib.ticker import FuncFormatter
+            ax.set_yscale("log")
+            for axis in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):  # plain numbers, no mathtext
+                axis(FuncFormatter(lambda v, _: f"{v:.3g}"))
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+    axes[-1, 0].set_xlabel("step")
     return fig
 
 

@@ -12,7 +12,7 @@ import numpy as np
 
 from ..data import ImageDataset, images_at
 from ..io import atomic_write_json
-from .html import (acc_text, bar_figure, confusion_figure, fig_b64, heatmap_figure, image_cards, prediction_cards,
+from .html import (acc_text, bar_figure, confusion_figure, curve_figure, fig_b64, heatmap_figure, image_cards, prediction_cards,
                    stratified_positions, write_html)
 
 THUMBS = 24  # thumbnails per prediction grid, sampled across classes
@@ -213,3 +213,22 @@ def explain_report(results: list[dict], data: ImageDataset, model_name: str, vl_
     if provenance:
         out["provenance"] = provenance
     return _write(report, f"FALCON explanations — {model_name}", sections, "explanations", out)
+
+
+def train_report(res: dict, report: Path) -> Path:
+    """A training run: loss (and learning rate or logit scale) per step with a moving average, the settings,
+    where it stopped and what it wrote. `res`: kind, history (rows of step, loss, ...), config, result."""
+    hist = res.get("history") or []
+    sections = [{"title": "run", "table": [["kind", "steps done", "final loss (last 50 steps)", "output"],
+                                           [res["kind"], hist[-1]["step"] if hist else 0,
+                                            f"{np.mean([float(h['loss']) for h in hist[-50:]]):.4f}" if hist else "-",
+                                            res.get("result", {}).get("exported") or res.get("result", {}).get("model", "-")]]}]
+    if hist:
+        panels = {k: [float(h[k]) for h in hist] for k in ("loss", "lr", "logit_scale") if k in hist[0]}
+        sections.append({"title": "training curves", "note": f"{len(hist)} steps logged",
+                         "image": fig_b64(curve_figure([float(h["step"]) for h in hist], panels, log=("loss",)))})
+    else:
+        sections[0]["note"] = "no step was logged yet"
+    sections.append({"title": "settings", "table": [["setting", "value"]] + [[k, str(v)] for k, v in
+                                                                         sorted(res.get("config", {}).items())]})
+    return _write(report, f"Training — {res['kind']}", sections, "train", res)

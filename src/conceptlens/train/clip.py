@@ -119,7 +119,7 @@ def train_clip(config: dict | str | Path, out: Path | None = None, device: str =
         g, h = res["image_head"](X[owner]), res["text_head"](T)
     meta = {"kind": "clip", "config": {k: v for k, v in cfg.items() if k != "out"}, "image_tower": itower.name,
             "text_tower": ttower.name, "image_fingerprint": itower.image_fingerprint,
-            "data_fingerprint": ds.identity, "n_pairs": len(captions), "train_margin": margin(g, h),
+            "data_fingerprint": ds.identity, "n_images": len(ds), "n_pairs": len(captions), "train_margin": margin(g, h),
             "logit_scale": res["temperature"]().item()}
     tensors = {f"image_head.{k}": v.contiguous() for k, v in res["image_head"].state_dict().items()}
     tensors |= {f"text_head.{k}": v.contiguous() for k, v in res["text_head"].state_dict().items()}

@@ -172,7 +172,7 @@ def _train(data: str, out: Path, steps: int, batch_size: int, lr: float, seed: i
             save(step, float(np.mean(losses[-50:])) if losses else float("nan"))
     if stop["flag"]:
         print(f"stopped at step {step}; checkpoint {ckpt} (rerun the same command to resume)", file=sys.stderr)
-    result = {"step": step, "checkpoint": str(ckpt)}
+    result = {"step": step, "checkpoint": str(ckpt), "data": prov}
     if step >= steps:
         result["exported"] = str(export_from_checkpoint(ckpt, export or out / "model.safetensors"))  # never the asset
     return result
