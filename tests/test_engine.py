@@ -15,7 +15,7 @@ from conceptlens.cli import main
 from conceptlens.data import load_dataset
 from conceptlens.engine import Engine, using
 from conceptlens.errors import ConceptlensError
-from conceptlens.features import cache_key, embed, embed_texts
+from conceptlens.features import cache_key, compute_mode, embed, embed_texts
 from conceptlens.models import load_model
 from conceptlens.runtime import resolve_device, resolve_precision
 
@@ -107,7 +107,7 @@ def test_a_killed_driver_resumes_only_unfinished_units(tmp_path):
     proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     m = load_model("builtin:efficientnet-lite0")
     ds = load_dataset(data)
-    root = Path(env["CONCEPTLENS_CACHE"]) / "features" / cache_key(m, ds, "fp32")
+    root = Path(env["CONCEPTLENS_CACHE"]) / "features" / cache_key(m, ds, compute_mode(m, m.device, "fp32"))
     deadline, done = time.time() + 240, 0
     while time.time() < deadline and proc.poll() is None:
         if (root / "state.npy").exists():

@@ -16,7 +16,7 @@ from PIL import Image
 
 from conceptlens.cli import main
 from conceptlens.data import load_dataset
-from conceptlens.features import cache_key, embed, embed_texts, text_cache_key
+from conceptlens.features import cache_key, compute_mode, embed, embed_texts, text_cache_key
 from conceptlens.io import cache_dir
 from conceptlens.models import load_model
 from conftest import two_class_folder, write_reliability
@@ -80,7 +80,7 @@ def test_a_damaged_cache_entry_is_recomputed_and_correct(kind, tmp_path, model):
     ref = embed(model, ds, precision="fp32", show_progress=False)
     X_ref, skipped_ref = np.array(ref.X), list(ref.skipped)
     assert len(skipped_ref) == 1
-    entry = cache_dir("features") / cache_key(model, ds, "fp32")
+    entry = cache_dir("features") / cache_key(model, ds, compute_mode(model, model.device, "fp32"))
     _damage(kind, entry)
     RECORD["cache_faults"] += 1
     with pytest.warns(UserWarning):
@@ -118,7 +118,8 @@ def test_two_no_cache_runs_do_not_share_a_temp_dir(tmp_path, model):
     a = embed(model, ds, precision="fp32", use_cache=False, show_progress=False)
     b = embed(model, ds, precision="fp32", use_cache=False, show_progress=False)
     assert np.array_equal(a.X, b.X) and a.path is None
-    assert not list(Path(os.environ.get("TMPDIR", "/tmp")).glob(f"conceptlens-{cache_key(model, ds, 'fp32')[:12]}-*"))
+    key = cache_key(model, ds, compute_mode(model, model.device, "fp32"))
+    assert not list(Path(os.environ.get("TMPDIR", "/tmp")).glob(f"conceptlens-{key[:12]}-*"))
 
 
 CHILD = """

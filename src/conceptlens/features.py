@@ -1,6 +1,6 @@
 """Feature extraction with a content-keyed, resumable, memory-mapped cache.
 
-The cache key is model id + weights hash + preprocessing + layer + precision + device type (none for the
+The cache key is model id + weights hash + preprocessing + layer + precision (+ backend) + device type (none for the
 CPU) + the data files' identity. Rows are written batch by batch into a memory-mapped array with a per-row
 done flag; a killed run resumes at the first unfinished batch. Batches have fixed boundaries inside each
 shard, so a resumed run, and a Ray run (`engine=Engine("ray")`, units of whole batches through the same
@@ -36,7 +36,8 @@ from .engine import Engine, current
 from .errors import ConceptlensError
 from .io import atomic_save_npy, atomic_write_json, cache_dir, digest, progress
 from .models import Encoder, MappedEncoder
-from .runtime import autocast, cache_tag, decode_workers, default_batch_size, resolve_precision, to_device
+from .runtime import (autocast, cache_tag, decode_workers, default_batch_size, resolve_backend, resolve_precision,
+                      to_device)
 
 PENDING, DONE, SKIPPED = 0, 1, 2
 
@@ -142,8 +143,15 @@ def cache_key(model: Encoder, dataset: ImageDataset, precision: str, device: tor
 
 
 def encode_batch(model: Encoder, x: torch.Tensor, precision: str) -> torch.Tensor:
-    """One forward pass of the image tower on the model's device, channels-last, in the requested precision;
-    the result stays on the device."""
+    """One forward pass of the image tower on the model's device, channels-last, in the requested precision
+    ("fp32/onnxruntime": through the exported tower, see `embed`); the result stays on the device."""
+    precision, _, backend = precision.partition("/")
+    if backend == "onnxruntime":
+        from .models import onnx
+        path = onnx.export(model, tuple(x.shape[1:]))
+        if path is None:
+            raise ConceptlensError(f"{model.name} does not export to ONNX: use --backend torch")
+        return onnx.run(path, x)
     x = to_device(x, model.device).contiguous(memory_format=torch.channels_last)
     with torch.inference_mode(), autocast(model.device, precision):
         return model.encode_image(x).float()
@@ -247,17 +255,31 @@ def prepare_for_inference(model: Encoder) -> None:
         mod.to(memory_format=torch.channels_last)
 
 
+def compute_mode(model: Encoder, device: torch.device, precision: str, backend: str = "auto") -> str:
+    """How `embed` computes on `device` at a resolved precision: "fp32", "bf16", ... for torch, "fp32/onnxruntime"
+    for ONNX Runtime (exported on first use). The mode is part of the cache key, the store's metadata and results."""
+    if resolve_backend(backend, device, precision) == "onnxruntime":
+        from .models import onnx
+        if onnx.export(model, onnx.input_shape(model)) is not None:  # once per model; then a file check
+            return f"{precision}/onnxruntime"
+        if backend == "onnxruntime":
+            raise ConceptlensError(f"{model.name} does not export to ONNX: use --backend torch")
+    return precision
+
+
 def embed(model: Encoder, dataset: ImageDataset, batch_size: int | None = None, precision: str = "auto",
           use_cache: bool = True, strict: bool = False, show_progress: bool = True,
-          device: str | torch.device | None = None, engine: Engine | None = None) -> Features:
+          device: str | torch.device | None = None, engine: Engine | None = None, backend: str = "auto") -> Features:
     """Embed every image of `dataset` with `model`'s image tower, through the cache.
 
     `device` (default: where the model is) moves the model there; `engine` runs the work on Ray instead of in
-    this process (same rows, same cache). `batch_size` None = 64 on the CPU, 256 on an accelerator."""
+    this process (same rows, same cache). `batch_size` None = 64 on the CPU, 256 on an accelerator. `backend`
+    (see `conceptlens.runtime`): auto = ONNX Runtime for fp32 on the CPU where the model exports, else torch."""
     if not model.has_image:
         raise ConceptlensError(f"{model.name} has no image tower")
     if isinstance(model, MappedEncoder):  # reuse the base tower's cache and map rows on the way out
-        base = embed(model.base, dataset, batch_size, precision, use_cache, strict, show_progress, device, engine)
+        base = embed(model.base, dataset, batch_size, precision, use_cache, strict, show_progress, device, engine,
+                     backend)
         if device is not None:
             model.to(device)
         return dataclasses.replace(base, X=model.map_features(base.X), model=model.name)
@@ -269,6 +291,7 @@ def embed(model: Encoder, dataset: ImageDataset, batch_size: int | None = None, 
     batch_size = batch_size or default_batch_size(dev, 64)
     if dataset.precomputed and (stored := _stored(model, dataset, precision)) is not None:
         return stored
+    precision = compute_mode(model, dev, precision, backend)
     key = cache_key(model, dataset, precision, dev)
     n, dim = len(dataset), model.embed_dim
     if not use_cache:  # a private temp dir: two --no-cache runs never share (or delete) each other's

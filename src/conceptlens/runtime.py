@@ -4,6 +4,10 @@
 device that is not there is a one-line error. `--precision auto` is bf16 autocast on CPUs with native bf16
 kernels (AVX512-BF16 / AMX), bf16 on CUDA GPUs that support it (fp16 on older ones), fp32 elsewhere.
 
+`--backend auto|torch|onnxruntime` (image embedding): `auto` is ONNX Runtime for fp32 on the CPU when the
+package is installed and the model exports (conceptlens.models.onnx), torch elsewhere. The backend is part of
+the feature-cache key and of every result's precision field ("fp32/onnxruntime"); torch entries keep their keys.
+
 Cache policy: features are keyed by device *type* as well as precision, because a GPU agrees with the CPU
 to tolerance (cosine > 0.999), not bit for bit. All CPU paths (local and every Ray CPU worker) share one
 entry: they are bit-identical in fp32 (tested).
@@ -19,6 +23,7 @@ import torch
 from .errors import ConceptlensError
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+BACKENDS = ("auto", "torch", "onnxruntime")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -75,6 +80,24 @@ def resolve_precision(precision: str, device: torch.device | str | None = None) 
     if precision == "fp16" and dev.type == "cpu":
         raise ConceptlensError("fp16 autocast is for GPUs; on a CPU use --precision bf16 or fp32")
     return precision
+
+
+def resolve_backend(backend: str, device: torch.device | str | None, precision: str) -> str:
+    """torch | onnxruntime for image embedding at a resolved `precision` on `device` (see the module docstring;
+    whether the model exports is checked where it is exported)."""
+    import importlib.util
+    if backend not in BACKENDS:
+        raise ConceptlensError(f"unknown backend {backend!r}: use {', '.join(BACKENDS)}")
+    cpu_fp32 = resolve_device(device).type == "cpu" and precision == "fp32"
+    have = importlib.util.find_spec("onnxruntime") is not None
+    if backend == "auto":
+        return "onnxruntime" if cpu_fp32 and have else "torch"
+    if backend == "onnxruntime" and not cpu_fp32:
+        raise ConceptlensError("--backend onnxruntime runs fp32 on the CPU: use --precision fp32 --device cpu, "
+                               "or --backend torch")
+    if backend == "onnxruntime" and not have:
+        raise ConceptlensError("--backend onnxruntime needs the PyPI package 'onnxruntime': pip install onnxruntime")
+    return backend
 
 
 def autocast(device: torch.device, precision: str):

@@ -72,6 +72,9 @@ def add_embed_opts(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=positive, help="images per batch (default: 64 on the CPU, 256 on a GPU)")
     p.add_argument("--num-workers", type=positive, help="image decoding threads (default: 2 on the CPU, up to 16 on a GPU)")
     add_precision(p)
+    p.add_argument("--backend", default="auto", choices=["auto", "torch", "onnxruntime"],
+                   help="image-embedding runtime: auto = ONNX Runtime for fp32 on the CPU where the model exports "
+                        "(same features, 2-4x faster), else torch")
     p.add_argument("--no-cache", action="store_true", help="do not read or write the feature cache")
     p.add_argument("--strict", action="store_true", help="unreadable images are an error instead of skipped")
 
@@ -114,7 +117,7 @@ def positive(text: str) -> int:
 
 def embed_kwargs(a: argparse.Namespace) -> dict:
     return {"batch_size": a.batch_size, "precision": a.precision, "use_cache": not a.no_cache, "strict": a.strict,
-            "device": a.device}
+            "device": a.device, "backend": a.backend}
 
 
 def engine_of(a: argparse.Namespace):
@@ -152,8 +155,8 @@ def dataset_of(a: argparse.Namespace, spec: str):
 
 
 _PROVENANCE_ARGS = ("model", "layer", "aligner", "source", "target", "vl_model", "captions", "concepts", "templates",
-                    "strategy", "budget", "n_samples", "seed", "device", "precision", "engine", "batch_size", "limit",
-                    "identity", "config", "query")
+                    "strategy", "budget", "n_samples", "seed", "device", "precision", "backend", "engine", "batch_size",
+                    "limit", "identity", "config", "query")
 
 
 def provenance() -> dict:
