@@ -89,7 +89,8 @@ class ConceptBottleneck(ClassifierMixin, BaseEstimator):
         tr, va = perm[:cut], perm[cut:]
         best, W, b, L = None, None, None, lipschitz(Z[tr])
         for C in Cs:
-            W, b, _ = l1_logistic(Z[tr], Y[tr], 1.0 / (C * len(tr)), W, b, tol=self.tol, L=L)
+            # path points only rank penalties (by held-out accuracy): 10x looser than the final fit
+            W, b, _ = l1_logistic(Z[tr], Y[tr], 1.0 / (C * len(tr)), W, b, tol=10 * self.tol, L=L)
             if int((W != 0).sum(0).max()) > self.max_concepts:
                 break
             acc = float(((Z[va] @ W + b).argmax(1) == yi[va]).mean())

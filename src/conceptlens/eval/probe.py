@@ -57,7 +57,7 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
         return lin
 
     def fit(self, X, y) -> "LinearProbe":
-        X, y = np.asarray(X), np.asarray(y)
+        X, y = np.array(X, dtype=np.float32), np.asarray(y)  # a copy: cached features are read-only memory maps
         if X.ndim != 2 or len(X) != len(y) or len(X) < 2:
             raise ConceptlensError(f"a linear probe needs [n, d] features and n labels (got {X.shape}, {y.shape})")
         if (y < 0).any():
@@ -94,7 +94,7 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
     @torch.no_grad()
     def decision_function(self, X) -> np.ndarray:
         """Class scores [n, classes]."""
-        X = F.normalize(torch.as_tensor(np.asarray(X), dtype=torch.float32), dim=-1)
+        X = F.normalize(torch.from_numpy(np.array(X, dtype=np.float32)), dim=-1)
         return self.linear_(X).numpy()
 
     def predict(self, X) -> np.ndarray:

@@ -222,7 +222,7 @@ class MappedEncoder(Encoder):
     def map_features(self, X) -> np.ndarray:
         """Rows of cached base features [n, d_base] -> [n, D]."""
         with torch.no_grad():
-            return self.map_tensor(to_device(torch.from_numpy(np.asarray(X, np.float32)), self.device)).cpu().numpy()
+            return self.map_tensor(to_device(torch.from_numpy(np.array(X, np.float32)), self.device)).cpu().numpy()
 
     def encode_image(self, images) -> torch.Tensor:
         with torch.no_grad():
