@@ -6,7 +6,8 @@
 - `decode` with the default caption banks (coco, flickr8k, cc3m): the first run embeds the banks once per text
   tower; a second run with another aligner over the same text tower, and a rerun, must take <= 10 s.
 
-The image features (both aligners' image towers, every set) are embedded first (not timed). A private cache folder keeps earlier runs out of it.
+The image features (both aligners' image towers, every set) are embedded first (not timed). A private cache
+folder keeps earlier runs out of it.
 """
 from __future__ import annotations
 
