@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 from pathlib import Path
 
@@ -66,7 +67,6 @@ def train_diffusion(a) -> None:
               export=_not_an_asset(Path(a.export) if a.export else Path(a.out) / "model.safetensors", a.overwrite),
               device=a.device, precision=a.precision, overwrite=a.overwrite)
     print(json.dumps(res, indent=2))
-    import csv
     with open(Path(a.out) / "log.csv", newline="") as f:
         history = list(csv.DictReader(f))
     config = {k: getattr(a, k) for k in ("data", "steps", "batch_size", "lr", "seed", "ckpt_every", "device", "precision")}
