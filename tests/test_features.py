@@ -161,3 +161,16 @@ def test_lite_clip_real_accuracy_floor(name, rel, limit, floor):
     f = embed(m, load_dataset(shared(rel), limit=limit))
     acc = zeroshot.evaluate(m, f, templates="openai")["metrics"]["acc1"]
     assert acc >= floor, f"{name}: {acc:.3f} < {floor}"
+
+
+def test_batch_table_is_bit_identical_to_to_tensor_and_normalize():
+    """The per-channel lookup table that assembles a batch equals ToTensor + Normalize image by image."""
+    import torchvision.transforms as T
+    from conceptlens.features import split_preprocess
+    pre = T.Compose([T.Resize(20), T.CenterCrop(16), T.ToTensor(), T.Normalize((0.48, 0.46, 0.41), (0.27, 0.26, 0.28))])
+    per_image, per_batch = split_preprocess(pre)
+    rng = np.random.default_rng(0)
+    ims = [Image.fromarray(rng.integers(0, 256, (23, 31, 3), dtype=np.uint8)) for _ in range(5)]
+    batch = per_batch([per_image(im) for im in ims])
+    assert batch.shape == (5, 3, 16, 16) and batch.is_contiguous()
+    assert torch.equal(batch, torch.stack([pre(im) for im in ims]))
