@@ -53,3 +53,19 @@ def test_backend_choices_are_checked(capsys, image_folder):
                  "--precision", "fp32"]) == 0
     with pytest.raises(SystemExit):
         main(["embed", "--model", "builtin:efficientnet-lite0", "--data", str(image_folder), "--backend", "tvm"])
+
+
+def test_minilm_on_onnxruntime_matches_sentence_transformers_and_is_cached_apart(monkeypatch):
+    from conceptlens.features import text_cache_key
+    from conceptlens.models import text
+    texts = ["a photo of a dog.", "  an image of a red car  ", "x", "a sketch of a horse standing in tall grass " * 8]
+    enc = text.minilm()
+    monkeypatch.setenv("CONCEPTLENS_TEXT_BACKEND", "torch")
+    ref, key_torch = enc.encode_text(texts), text_cache_key(enc, texts)
+    monkeypatch.delenv("CONCEPTLENS_TEXT_BACKEND")
+    assert text.runtime() == "onnxruntime"
+    out = enc.encode_text(texts)
+    assert out.shape == ref.shape and (out * ref).sum(1).min().item() > 0.99999
+    assert text_cache_key(enc, texts) != key_torch
+    lite = load_model("builtin:lite-clip")
+    assert lite.text_fingerprint.endswith("-onnxruntime")

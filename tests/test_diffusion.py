@@ -53,6 +53,37 @@ def test_strategies_agree_with_fixed_on_an_easy_case_and_count_evaluations(tmp_p
     assert sorted(lowdisc_timesteps(8, 1000)) == sorted(set(lowdisc_timesteps(8, 1000)))
 
 
+def test_ttest_in_blocks_decides_as_testing_after_every_sample():
+    """Blocked ttest prunes exactly where Clark & Jaini's one-sample-at-a-time loop does, in few denoiser calls."""
+    from types import SimpleNamespace
+    from scipy import stats
+    from conceptlens.diffusion.strategies import ttest
+    rng = np.random.default_rng(0)
+    C, S = 10, 400
+    E = rng.normal(1.0, 0.05, (1, S)) + rng.normal(0, 0.02, (C, S)) + np.linspace(0, 0.03, C)[:, None][rng.permutation(C)]
+    calls = []
+
+    def evaluate_pairs(z0, cond, ts, noise, pairs):
+        calls.append(len(pairs))
+        return torch.tensor([E[c, j] for c, j in pairs])
+    clf = SimpleNamespace(max_scores=S, min_scores=20, p_value=2e-3, evaluate_pairs=evaluate_pairs,
+                          noise=lambda z0, n, seed: (None, None))
+    out = ttest(clf, None, None, C, 0)
+    alive, pruned_at = list(range(C)), {}  # the reference: a test after every sample
+    for s in range(1, S + 1):
+        if s >= 20 and len(alive) > 1:
+            best = min(alive, key=lambda c: E[c, :s].mean())
+            for c in list(alive):
+                d = E[c, :s] - E[best, :s]
+                if c != best and stats.ttest_1samp(d, 0.0, alternative="greater").pvalue < 2e-3:
+                    alive.remove(c)
+                    pruned_at[c] = s
+    assert len(pruned_at) >= C // 2 and out["pred"] == min(alive, key=lambda c: E[c, :S].mean())
+    assert all(out["errors"][c] == pytest.approx(E[c, :s].mean()) for c, s in pruned_at.items())
+    assert len(calls) < out["evals"] / 40 and calls[0] == 20 * C  # batched, not one sample per call
+    assert out["evals"] >= sum(pruned_at.values()) and out["evals"] == sum(calls)
+
+
 def test_bad_input(tmp_path):
     model = tiny_pipeline(tmp_path)
     with pytest.raises(ConceptlensError, match="budget 3 is smaller"):

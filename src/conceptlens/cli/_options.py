@@ -115,6 +115,17 @@ def positive(text: str) -> int:
     return v
 
 
+def nonnegative(text: str) -> float:
+    """argparse type: a finite number >= 0."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not v >= 0 or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return v
+
+
 def embed_kwargs(a: argparse.Namespace) -> dict:
     return {"batch_size": a.batch_size, "precision": a.precision, "use_cache": not a.no_cache, "strict": a.strict,
             "device": a.device, "backend": a.backend}

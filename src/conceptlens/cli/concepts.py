@@ -1,10 +1,11 @@
-"""`align`, `cbm`, `diagnose`, `search`, `decode`: Text-to-Concept (Moayeri et al., ICML 2023)."""
+"""`align`, `cbm`, `diagnose`, `search`, `decode`: Text-to-Concept (Moayeri et al., ICML 2023); `decompose`: SpLiCE
+(Bhalla et al., NeurIPS 2024)."""
 from __future__ import annotations
 
 from pathlib import Path
 
 from ._options import (add_outputs, add_seed, command, command_line, dataset_of, embed_kwargs, load_on_device,
-                       load_vectors, model_of, positive, table, write_json, write_report)
+                       load_vectors, model_of, nonnegative, positive, table, write_json, write_report)
 
 
 def register(sub) -> None:
@@ -39,6 +40,18 @@ def register(sub) -> None:
     p.add_argument("--direction", action="store_true", help="the vectors are directions (probe weights): no bias")
     p.add_argument("--captions", default="coco,flickr8k,cc3m", help="caption banks (names or files)")
     p.add_argument("--captions-per-vector", type=positive, default=5, help="nearest captions to show per vector")
+    add_outputs(p)
+    p = command(sub, "decompose", "write vectors as sparse non-negative mixes of concepts (SpLiCE)", decompose,
+                "optional-data")
+    p.add_argument("--vector", help=".npy file with one vector [D] or several [N, D] of the source space")
+    p.add_argument("--direction", action="store_true", help="the vectors are directions: no bias, no image mean")
+    p.add_argument("--class-means", action="store_true", help="decompose each class's mean, not each image")
+    p.add_argument("--reference", help="images whose mean embedding centres the rest (default: --data)")
+    p.add_argument("--concepts", default="default", help="default (class names, WordNet, caption words) or a file")
+    sparsity = p.add_mutually_exclusive_group()
+    sparsity.add_argument("--l1-penalty", type=nonnegative, default=0.25, help="SpLiCE's L1 penalty (larger: sparser)")
+    sparsity.add_argument("--n-concepts", type=positive, help="at most this many concepts per vector instead")
+    p.add_argument("--top", type=positive, default=10, help="concepts to list per vector")
     add_outputs(p)
 
 
@@ -111,3 +124,22 @@ def decode(a) -> None:
             print(f"    {c['score']:.3f}  {c['caption']}")
     write_json(a.output, res)
     write_report(a, "decode_report", res)
+
+
+def decompose(a) -> None:
+    from ..concepts import decompose as run
+    from ..concepts import load_concepts
+    vectors = load_vectors(a.vector) if a.vector else None
+    data = dataset_of(a, a.data) if a.data else None
+    ref = dataset_of(a, a.reference) if a.reference else None
+    concepts = load_concepts(a.concepts, data.classnames if data else None)
+    model = model_of(a, need_text=True)
+    res = run(model, concepts, vectors=vectors, data=data, per_image=not a.class_means, direction=a.direction,
+              reference=ref, l1_penalty=a.l1_penalty, n_concepts=a.n_concepts, top=a.top, **embed_kwargs(a))
+    table([["vector", "concepts", "cosine", "top concepts (weight)"]] +
+          [[o["name"], o["n_concepts"], f"{o['cosine']:.3f}",
+            ", ".join(f"{c['concept']} ({c['weight']:.2f})" for c in o["concepts"][:6])] for o in res["decomposed"][:40]])
+    print(f"{len(res['decomposed'])} vectors: {res['mean_concepts']:.1f} concepts, reconstruction cosine "
+          f"{res['mean_cosine']:.3f} on average")
+    write_json(a.output, res)
+    write_report(a, "decompose_report", res)

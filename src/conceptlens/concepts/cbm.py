@@ -12,6 +12,7 @@ from ..errors import ConceptlensError
 from ..eval.probe import LinearProbe
 from ..features import embed
 from ..models import Encoder, MappedEncoder
+from .prox import fista
 from .vocab import activations, concept_matrix
 
 
@@ -23,7 +24,7 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
 def l1_logistic(Z: np.ndarray, Y: np.ndarray, lam: float, W: np.ndarray | None = None, b: np.ndarray | None = None,
                 tol: float = 1e-5, max_iter: int = 5000, L: float | None = None) -> tuple[np.ndarray, np.ndarray, int]:
     """Minimise mean multinomial cross-entropy + lam * ||W||_1 (intercept unpenalised) by FISTA with gradient
-    restart (Beck & Teboulle 2009; O'Donoghue & Candes 2015). scikit-learn's objective at C is lam = 1 / (C n).
+    restart (`prox.fista`). scikit-learn's objective at C is lam = 1 / (C n).
 
     Z [n, p] inputs, Y [n, K] one-hot; W [p, K], b [K] warm start; L the loss's Lipschitz constant if known.
     Stops when no weight moves by more than tol (relative to the largest). Returns (W, b, iterations).
@@ -33,22 +34,16 @@ def l1_logistic(Z: np.ndarray, Y: np.ndarray, lam: float, W: np.ndarray | None =
     n, p = Z.shape
     W = np.zeros((p, Y.shape[1])) if W is None else np.array(W, dtype=np.float64)
     b = np.zeros(Y.shape[1]) if b is None else np.array(b, dtype=np.float64)
-    step = 1.0 / (lipschitz(Z) if L is None else L)
-    Vw, Vb, t = W.copy(), b.copy(), 1.0
-    for it in range(1, max_iter + 1):
-        R = (_softmax(Z @ Vw + Vb) - Y) / n
-        Wn = Vw - step * (Z.T @ R)
-        Wn = np.sign(Wn) * np.maximum(np.abs(Wn) - step * lam, 0.0)
-        bn = Vb - step * R.sum(0)
-        dW, db = Wn - W, bn - b
-        if np.vdot(Vw - Wn, dW) + np.vdot(Vb - bn, db) > 0:  # momentum points uphill: restart it
-            t = 1.0
-        t_next = (1 + np.sqrt(1 + 4 * t * t)) / 2
-        Vw, Vb = Wn + ((t - 1) / t_next) * dW, bn + ((t - 1) / t_next) * db
-        W, b, t = Wn, bn, t_next
-        if max(np.abs(dW).max(), np.abs(db).max()) <= tol * max(1.0, np.abs(W).max()):
-            return W, b, it
-    return W, b, max_iter
+
+    def grad(v):
+        R = (_softmax(Z @ v[0] + v[1]) - Y) / n
+        return [Z.T @ R, R.sum(0)]
+
+    def prox(v, step):  # soft-threshold the weights; the intercept is free
+        return [np.sign(v[0]) * np.maximum(np.abs(v[0]) - step * lam, 0.0), v[1]]
+
+    (W, b), it = fista(grad, prox, [W, b], 1.0 / (lipschitz(Z) if L is None else L), tol, max_iter)
+    return W, b, it
 
 
 def lipschitz(Z: np.ndarray) -> float:

@@ -71,15 +71,13 @@ def shared_words(captions: Sequence[str], min_count: int = 2) -> list[str]:
     return [w for w, n in counts.most_common() if n >= min_count]
 
 
-def decode(model: Encoder, vectors: np.ndarray | None = None, data: ImageDataset | None = None,
-           per_image: bool = False, direction: bool = False, banks: Sequence[str] = DEFAULT_BANKS, k: int = 5,
-           **embed_kw) -> dict:
-    """Captions for vectors of `model`'s space (through its map for an aligned model; `direction`: no bias),
-    or for the class means (`per_image`: each image) of a dataset's features."""
+def query_vectors(model: Encoder, vectors: np.ndarray | None, data: ImageDataset | None, per_image: bool = False,
+                  direction: bool = False, **embed_kw) -> tuple[np.ndarray, list[str]]:
+    """The vectors to describe, in `model`'s space, and their names: given vectors of the source space (through
+    an aligned model's map; `direction`: without its bias), else the class means (`per_image`: each image) of a
+    dataset's features."""
     if (vectors is None) == (data is None):
         raise ConceptlensError("give exactly one of vectors or data")
-    if k < 1:
-        raise ConceptlensError("k (captions per vector) must be positive")
     if not model.has_text:
         raise ConceptlensError(f"{model.name} has no text tower: give an aligner (see `conceptlens align`)")
     if vectors is not None:
@@ -88,17 +86,27 @@ def decode(model: Encoder, vectors: np.ndarray | None = None, data: ImageDataset
         want = model.base.embed_dim if isinstance(model, MappedEncoder) else model.embed_dim
         if V.ndim != 2 or V.shape[1] != want:
             raise ConceptlensError(f"vectors of shape {tuple(V.shape)}: {model.name} takes [{want}] or [N, {want}]")
+        if not np.isfinite(V).all():
+            raise ConceptlensError("vector contains NaN or inf")
         if isinstance(model, MappedEncoder):
             V = model.map_direction(V) if direction else model.map_features(V)
-        names = [f"vector {i}" for i in range(len(V))]
-    else:
-        f = embed(model, data, **embed_kw)
-        X = np.asarray(f.X, np.float32)
-        if per_image or not f.labelled_ok:
-            V, names = X, list(f.keys)
-        else:
-            names = list(f.classnames)
-            V = np.stack([X[f.labels == c].mean(0) for c in range(len(names))])
+        return V, [f"vector {i}" for i in range(len(V))]
+    f = embed(model, data, **embed_kw)
+    X = np.asarray(f.X, np.float32)
+    if per_image or not f.labelled_ok:
+        return X, list(f.keys)
+    names = list(f.classnames)
+    return np.stack([X[f.labels == c].mean(0) for c in range(len(names))]), names
+
+
+def decode(model: Encoder, vectors: np.ndarray | None = None, data: ImageDataset | None = None,
+           per_image: bool = False, direction: bool = False, banks: Sequence[str] = DEFAULT_BANKS, k: int = 5,
+           **embed_kw) -> dict:
+    """Captions for vectors of `model`'s space (through its map for an aligned model; `direction`: no bias),
+    or for the class means (`per_image`: each image) of a dataset's features."""
+    if k < 1:
+        raise ConceptlensError("k (captions per vector) must be positive")
+    V, names = query_vectors(model, vectors, data, per_image, direction, **embed_kw)
     mem = CaptionMemory.build(model, banks)
     return {"model": model.name, "banks": list(banks), "k": k,
             "decoded": [{"name": n} | d for n, d in zip(names, mem.decode(V, k=k))]}

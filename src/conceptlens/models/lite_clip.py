@@ -29,7 +29,7 @@ from ..data.wordnet import WORDNET_DIR, ancestors, nouns
 from ..errors import ConceptlensError
 from ..io import asset_path as packaged, file_sha256, progress, read_safetensors_meta, save_safetensors
 from .base import Encoder
-from .text import minilm
+from .text import minilm, text_fingerprint
 from .vision import efficientnet_lite0
 
 ASSET = "lite_clip.safetensors"
@@ -86,6 +86,10 @@ class LiteCLIP(Encoder):
     @property
     def fingerprint(self) -> str:
         return f"{self.vision.fingerprint}-{self.metadata.get('sha', '')}"
+
+    @property
+    def text_fingerprint(self) -> str:
+        return text_fingerprint(self.fingerprint, self.device)
 
     @property
     def image_fingerprint(self) -> str:

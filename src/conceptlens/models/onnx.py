@@ -1,4 +1,4 @@
-"""ONNX Runtime as an image-embedding backend (issue "Speed to the roofline").
+"""ONNX Runtime as an embedding backend for image towers and MiniLM (issue "Speed to the roofline").
 
 The image tower is exported once per (model, weights, layer, input size, torch and onnxruntime versions) with
 torch's TorchScript-based exporter into the cache (`cache_dir("onnx")`), then run by ONNX Runtime's CPU provider,
@@ -44,21 +44,27 @@ class _Tower(torch.nn.Module):
 def export(model: Encoder, shape: tuple[int, ...]) -> str | None:
     """Path of the exported image tower for inputs [B, *shape] (exported now if not yet); None if the model does
     not export (remembered, so the next run does not try again)."""
-    stem = cache_dir("onnx") / _stem(model, shape)
+    if model.device.type != "cpu":
+        raise ConceptlensError("the onnxruntime backend runs on the CPU: use --backend torch on an accelerator")
+    return export_module(_stem(model, shape), lambda: _Tower(model).eval(), (torch.zeros(2, *shape),), ["x"],
+                         ["features"], {"x": {0: "batch"}, "features": {0: "batch"}})
+
+
+def export_module(stem: str, build, args: tuple, inputs: list[str], outputs: list[str], axes: dict) -> str | None:
+    """Export `build()` (a module, built only when needed) on `args` into the cache as `stem`.onnx; None (and a
+    `stem`.unsupported marker) when the exporter fails."""
+    stem = cache_dir("onnx") / stem
     path, bad = stem.with_suffix(".onnx"), stem.with_suffix(".unsupported")
     if path.exists():
         return str(path)
     if bad.exists():
         return None
-    if model.device.type != "cpu":
-        raise ConceptlensError("the onnxruntime backend runs on the CPU: use --backend torch on an accelerator")
     buf = io.BytesIO()
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), torch.no_grad():
             warnings.simplefilter("ignore")
-            torch.onnx.export(_Tower(model).eval(), (torch.zeros(2, *shape),), buf, dynamo=False, opset_version=OPSET,
-                              input_names=["x"], output_names=["features"],
-                              dynamic_axes={"x": {0: "batch"}, "features": {0: "batch"}})
+            torch.onnx.export(build(), args, buf, dynamo=False, opset_version=OPSET, input_names=inputs,
+                              output_names=outputs, dynamic_axes=axes)
     except Exception as exc:  # noqa: BLE001 - any exporter failure means: this model runs on torch
         with contextlib.suppress(OSError):  # remembered if it can be; else tried again next run
             atomic_write_bytes(bad, f"{type(exc).__name__}: {exc}".encode())
@@ -68,6 +74,11 @@ def export(model: Encoder, shape: tuple[int, ...]) -> str | None:
     except OSError as exc:
         raise ConceptlensError(f"cannot store the exported model in {path.parent} (disk full?): {exc.strerror}") from None
     return str(path)
+
+
+def unsupported(stem: str) -> bool:
+    """Whether an earlier export of `stem` failed (so the model runs on torch)."""
+    return (cache_dir("onnx") / stem).with_suffix(".unsupported").exists()
 
 
 def session(path: str, threads: int | None = None):
@@ -89,6 +100,11 @@ def run(path: str, x: torch.Tensor) -> torch.Tensor:
     """Features [B, D] of a preprocessed batch through the exported tower at `path`."""
     arr = np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)  # NCHW, whatever x's memory format
     return torch.from_numpy(session(path).run(None, {"x": arr})[0])
+
+
+def run_inputs(path: str, feeds: dict[str, np.ndarray]) -> np.ndarray:
+    """The first output of the exported module at `path` on named inputs."""
+    return session(path).run(None, feeds)[0]
 
 
 def input_shape(model: Encoder) -> tuple[int, ...]:

@@ -175,6 +175,24 @@ def decode_report(res: dict, report: Path) -> Path:
     return _write(report, f"Decoded vectors — {res['model']}", sections, "decode", res)
 
 
+def decompose_report(res: dict, report: Path, shown: int = 12) -> Path:
+    """SpLiCE decompositions: each vector's concept weights (bars for the first `shown`), concepts used and the
+    reconstruction cosine, all vectors in a table."""
+    items = res["decomposed"]
+    sections = [{"title": f"{len(items)} vectors over {res['n_vocabulary']} concepts: {res['mean_concepts']:.1f} concepts "
+                 f"and reconstruction cosine {res['mean_cosine']:.3f} on average",
+                 "note": "weights are non-negative; a low cosine means the concepts explain little of the vector"}]
+    for o in items[:shown]:
+        if o["concepts"]:
+            sections.append({"title": f"{o['name']}: {o['n_concepts']} concepts, cosine {o['cosine']:.3f}",
+                             "image": fig_b64(bar_figure([c["concept"] for c in o["concepts"]],
+                                                         [c["weight"] for c in o["concepts"]], "", "weight"))})
+    sections.append({"title": "all vectors", "table": [["vector", "concepts", "cosine", "top concepts (weight)"]] +
+                     [[o["name"], o["n_concepts"], f"{o['cosine']:.3f}",
+                       ", ".join(f"{c['concept']} ({c['weight']:.2f})" for c in o["concepts"][:8])] for o in items]})
+    return _write(report, f"Concept decompositions — {res['model']}", sections, "decompose", res)
+
+
 def explain_report(results: list[dict], data: ImageDataset, model_name: str, vl_name: str, report: Path,
                    provenance: dict | None = None) -> Path:
     """Per explanation: word and phrase scores (two charts), the Grad-CAM crops of the highly activating images,
