@@ -30,7 +30,7 @@ def rss_mb(pid: int) -> float | None:
 def main() -> dict:
     with tempfile.TemporaryDirectory() as cache:
         env = dict(os.environ, CONCEPTLENS_CACHE=cache, CONCEPTLENS_QUIET="1")
-        cmd = [sys.executable, "-m", "conceptlens.cli", "embed", "--model", "builtin:efficientnet-lite0",
+        cmd = [sys.executable, "-m", "conceptlens.cli.main", "embed", "--model", "builtin:efficientnet-lite0",
                "--data", "fashion-mnist:train", "--limit", str(N)]
         t = time.time()
         proc, trace = subprocess.Popen(cmd, env=env), []

@@ -13,7 +13,8 @@ from conceptlens.errors import ConceptlensError
 
 def planted(seed: int = 0, K: int = 40, d: int = 64, n: int = 6, k: int = 3):
     rng = np.random.default_rng(seed)
-    dec = ConceptDecomposer(rng.normal(size=(K, d)), l1_penalty=1e-5, center=False).fit(np.ones((1, d)))
+    dec = ConceptDecomposer(rng.normal(size=(K, d)), l1_penalty=1e-5, center=False, tol=1e-7, dtype="float64").fit(
+        np.ones((1, d)))
     W0 = np.zeros((n, K))
     for i in range(n):
         W0[i, rng.choice(K, k, replace=False)] = rng.uniform(0.5, 1.5, k)
@@ -26,7 +27,7 @@ def test_a_planted_sparse_mix_is_recovered_exactly():
     W = dec.transform(X)
     assert ((W > 1e-6) == (W0 > 0)).all() and np.abs(W - W0).max() < 1e-3
     assert dec.cosines(X, W).min() > 0.99999
-    capped = ConceptDecomposer(dec.dictionary, n_concepts=3, center=False).fit(X)
+    capped = ConceptDecomposer(dec.dictionary, n_concepts=3, center=False).fit(X)  # float32, default tolerance
     Wc = capped.transform(X)
     assert ((Wc > 0) == (W0 > 0)).all()  # the target number of concepts finds the planted support
     two = ConceptDecomposer(dec.dictionary, n_concepts=2, center=False).fit(X).transform(X)
@@ -35,8 +36,8 @@ def test_a_planted_sparse_mix_is_recovered_exactly():
 
 def test_matches_scikit_learn_positive_lasso_at_splices_scaling():
     rng = np.random.default_rng(1)
-    dec = ConceptDecomposer(rng.normal(size=(120, 48)), l1_penalty=0.25, tol=1e-9, max_iter=50000).fit(
-        rng.normal(size=(30, 48)) + 2.0)
+    R = rng.normal(size=(30, 48)) + 2.0
+    dec = ConceptDecomposer(rng.normal(size=(120, 48)), l1_penalty=0.25, tol=1e-9, max_iter=50000, dtype="float64").fit(R)
     X = rng.normal(size=(4, 48)) + 2.0
     W = dec.transform(X)
     Z = dec._targets(X)
@@ -45,6 +46,8 @@ def test_matches_scikit_learn_positive_lasso_at_splices_scaling():
             dec.dictionary_.T, z).coef_
         assert np.abs(w - ref).max() < 1e-4 and ((w > 1e-8) == (ref > 1e-8)).all()
     assert 1 <= (W > 0).sum(1).min() and (W > 0).sum(1).max() < 60 and 0.3 < dec.score(X) <= 1.0
+    W32 = ConceptDecomposer(dec.dictionary, l1_penalty=0.25).fit(R).transform(X)
+    assert W32.dtype == np.float32 and np.abs(W32 - W).max() < 1e-2  # the fast default agrees to its tolerance
 
 
 def test_bad_input_is_one_error():

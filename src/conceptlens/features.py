@@ -15,6 +15,7 @@ import dataclasses
 import errno
 import json
 import math
+import mmap
 import os
 import shutil
 import tempfile
@@ -467,6 +468,7 @@ class Store:
     def write(self, rows: np.ndarray, X: np.ndarray) -> None:
         self.feats[rows] = X
         self.feats.flush()
+        _release(self.feats)
         self.crc[rows] = row_crc(X)
         self.crc.flush()
         self.state[rows] = DONE
@@ -504,6 +506,15 @@ class Store:
             return "checksum table does not match meta.json"
         bad = _bad_rows(feats, state, crc)
         return f"{len(bad)} rows fail their checksum" if len(bad) else None
+
+
+def _release(arr: np.ndarray) -> None:
+    """Drop a flushed memory-mapped array's pages from this process's resident set (they stay in the file and the
+    page cache): otherwise RSS grows by every feature written, 5 KB an image at 1,280 dims (measured)."""
+    mm = getattr(arr, "_mmap", None)
+    if mm is not None and hasattr(mmap, "MADV_DONTNEED"):
+        with contextlib.suppress(OSError, ValueError):
+            mm.madvise(mmap.MADV_DONTNEED)
 
 
 def _bad_rows(feats: np.ndarray, state: np.ndarray, crc: np.ndarray, chunk: int = 8192) -> np.ndarray:

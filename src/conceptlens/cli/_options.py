@@ -104,26 +104,25 @@ def command(sub, name: str, help: str, func, inputs: str | None = "data", model:
     return p
 
 
-def positive(text: str) -> int:
-    """argparse type: a positive integer (argparse prints the one-line error and exits 2)."""
+def _typed(text: str, cast, noun: str, ok, need: str):
+    """An argparse type's check: `text` cast, or the one-line error argparse prints before exiting 2."""
     try:
-        v = int(text)
+        v = cast(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be positive, got {v}")
+        raise argparse.ArgumentTypeError(f"{text!r} is not {noun}") from None
+    if not ok(v):
+        raise argparse.ArgumentTypeError(f"{need}, got {text}")
     return v
+
+
+def positive(text: str) -> int:
+    """argparse type: a positive integer."""
+    return _typed(text, int, "an integer", lambda v: v >= 1, "must be positive")
 
 
 def nonnegative(text: str) -> float:
     """argparse type: a finite number >= 0."""
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not v >= 0 or v == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
-    return v
+    return _typed(text, float, "a number", lambda v: 0 <= v < float("inf"), "must be a finite number >= 0")
 
 
 def embed_kwargs(a: argparse.Namespace) -> dict:

@@ -30,19 +30,27 @@ def _unit(X: np.ndarray) -> np.ndarray:
 
 
 def nonneg_lasso(D: np.ndarray, Z: np.ndarray, lam: np.ndarray | float, W: np.ndarray | None = None,
-                 tol: float = 1e-6, max_iter: int = 5000) -> tuple[np.ndarray, int]:
+                 tol: float = 1e-4, max_iter: int = 3000) -> tuple[np.ndarray, int]:
     """Rows of W >= 0 minimising ||z - w D||^2 + lam ||w||_1 for every row z of Z at once (lam: one value or one
-    per row, [n, 1]). D [K, d], Z [n, d]. Returns (W [n, K], iterations)."""
-    W = np.zeros((len(Z), len(D))) if W is None else np.array(W, dtype=np.float64)
-    lam = np.asarray(lam, dtype=np.float64)
+    per row, [n, 1]). D [K, d], Z [n, d], in Z's dtype (float32: twice float64's GEMM speed). Returns (W [n, K],
+    iterations). The gradient 2 (W G - Z Dᵀ) uses the Gram matrix G = D Dᵀ and, while the iterates are sparse (a
+    few dozen concepts of thousands), a sparse product: measured 2-8x faster than (W D - Z) Dᵀ per solve here."""
+    from scipy import sparse
+    from scipy.sparse.linalg import eigsh
+    W = np.zeros((len(Z), len(D)), Z.dtype) if W is None else np.array(W, dtype=Z.dtype)
+    lam = np.asarray(lam, dtype=Z.dtype)
+    G, B = D @ D.T, Z @ D.T
 
     def grad(v):
-        return [2.0 * (v[0] @ D - Z) @ D.T]
+        V = v[0]
+        WG = sparse.csr_matrix(V) @ G if np.count_nonzero(V) < 0.05 * V.size else V @ G
+        return [2 * (np.asarray(WG, Z.dtype) - B)]
 
     def prox(v, step):
-        return [np.maximum(v[0] - step * lam, 0.0)]
+        return [np.maximum(v[0] - Z.dtype.type(step) * lam, 0)]
 
-    (W,), it = fista(grad, prox, [W], 1.0 / (2.0 * np.linalg.norm(D, 2) ** 2), tol, max_iter)
+    L = 2.0 * 1.01 * float(eigsh(G.astype(np.float64), k=1, which="LA", return_eigenvectors=False)[0])  # Lanczos, 1% margin
+    (W,), it = fista(grad, prox, [W], 1.0 / L, tol, max_iter)
     return W, it
 
 
@@ -52,13 +60,14 @@ class ConceptDecomposer(TransformerMixin, BaseEstimator):
     fit(X): the image mean of reference embeddings X (rows normalised, then averaged; `center=False`: none, for
     directions). transform(X) -> non-negative weights [n, K]; inverse_transform(W) -> reconstructed unit
     embeddings; score(X) -> mean reconstruction cosine. `n_concepts` (optional) caps the concepts per row by
-    bisecting its penalty (the largest mix with at most that many), else `l1_penalty` for every row.
+    bisecting its penalty (the largest mix with at most that many), else `l1_penalty` for every row. `dtype`: the
+    solver's arithmetic (float32 by default, float64 to match a float64 reference to tight tolerances).
     """
 
     def __init__(self, dictionary, l1_penalty: float = 0.25, n_concepts: int | None = None, center: bool = True,
-                 tol: float = 1e-6, max_iter: int = 5000):
+                 tol: float = 1e-4, max_iter: int = 3000, dtype: str = "float32"):
         self.dictionary, self.l1_penalty, self.n_concepts = dictionary, l1_penalty, n_concepts
-        self.center, self.tol, self.max_iter = center, tol, max_iter
+        self.center, self.tol, self.max_iter, self.dtype = center, tol, max_iter, dtype
 
     def fit(self, X, y=None) -> "ConceptDecomposer":
         D = np.asarray(self.dictionary, dtype=np.float64)
@@ -69,8 +78,10 @@ class ConceptDecomposer(TransformerMixin, BaseEstimator):
             raise ConceptlensError("the concept embeddings contain NaN or inf")
         if self.l1_penalty < 0 or (self.n_concepts is not None and self.n_concepts < 1):
             raise ConceptlensError("l1_penalty must be >= 0 and n_concepts positive")
+        if self.dtype not in ("float32", "float64"):
+            raise ConceptlensError(f"dtype is float32 or float64, not {self.dtype!r}")
         U = _unit(D)
-        self.dictionary_ = _unit(U - U.mean(0))
+        self.dictionary_ = _unit(U - U.mean(0)).astype(self.dtype)
         self.n_features_in_ = D.shape[1]
         X = self._check(X)
         self.image_mean_ = _unit(X).mean(0) if self.center else np.zeros(D.shape[1])
@@ -87,7 +98,7 @@ class ConceptDecomposer(TransformerMixin, BaseEstimator):
         return X
 
     def _targets(self, X) -> np.ndarray:
-        return _unit(_unit(self._check(X)) - self.image_mean_)
+        return _unit(_unit(self._check(X)) - self.image_mean_).astype(self.dtype)
 
     def transform(self, X) -> np.ndarray:
         Z, D = self._targets(X), self.dictionary_
@@ -96,7 +107,7 @@ class ConceptDecomposer(TransformerMixin, BaseEstimator):
         # per-row bisection on log(penalty): above 2 max_k <z, d_k> every weight is zero
         hi = np.maximum(2.0 * (Z @ D.T).max(1, keepdims=True), 1e-12)
         lo = hi * 1e-4
-        best = np.zeros((len(Z), len(D)))
+        best = np.zeros((len(Z), len(D)), Z.dtype)
         W = None
         for _ in range(16):
             mid = np.sqrt(lo * hi)
@@ -107,7 +118,7 @@ class ConceptDecomposer(TransformerMixin, BaseEstimator):
         return best
 
     def inverse_transform(self, W) -> np.ndarray:
-        return _unit(_unit(np.asarray(W, dtype=np.float64) @ self.dictionary_) + self.image_mean_)
+        return _unit(_unit(np.asarray(W, dtype=np.float64) @ self.dictionary_.astype(np.float64)) + self.image_mean_)
 
     def cosines(self, X, W) -> np.ndarray:
         """Cosine of each embedding with its reconstruction from weights W."""
