@@ -7,12 +7,12 @@ import pytest
 from conceptlens.cli import build_parser, main
 from conftest import trained_clip_file
 
-COMMANDS = ["models", "embed", "export", "zeroshot", "linear-probe", "align", "cbm", "diagnose", "search", "decode",
+COMMANDS = ["models", "embed", "export", "zeroshot", "linear-probe", "align", "cbm", "diagnose", "search", "decode", "decompose",
             "explain", "diffusion-classify", "demo", "build", "train", "table"]
 # verbs that run a model: --device on all; --engine where there is per-shard work
 DEVICE_VERBS = [[c] for c in COMMANDS if c not in ("models", "train", "table")] + [["train", "clip"], ["train", "diffusion"]]
-ENGINE_VERBS = ["embed", "export", "zeroshot", "linear-probe", "align", "cbm", "diagnose", "search", "decode", "explain",
-                "diffusion-classify"]
+ENGINE_VERBS = ["embed", "export", "zeroshot", "linear-probe", "align", "cbm", "diagnose", "search", "decode", "decompose",
+                "explain", "diffusion-classify"]
 
 
 def test_every_command_is_registered_and_has_help(capsys):
