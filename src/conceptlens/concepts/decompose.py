@@ -141,7 +141,7 @@ def decompose(model: Encoder, concepts: Sequence[str], vectors: np.ndarray | Non
     if reference is not None:
         R = np.asarray(embed(model, reference, **embed_kw).X, np.float32)
     elif data is not None and not direction:
-        R = query_vectors(model, None, data, True, False, **embed_kw)[0]
+        R = V if per_image else query_vectors(model, None, data, True, False, **embed_kw)[0]
     elif direction:
         R = V
     else:

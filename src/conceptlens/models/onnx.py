@@ -99,7 +99,7 @@ def session(path: str, threads: int | None = None):
 def run(path: str, x: torch.Tensor) -> torch.Tensor:
     """Features [B, D] of a preprocessed batch through the exported tower at `path`."""
     arr = np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)  # NCHW, whatever x's memory format
-    return torch.from_numpy(session(path).run(None, {"x": arr})[0])
+    return torch.from_numpy(run_inputs(path, {"x": arr}))
 
 
 def run_inputs(path: str, feeds: dict[str, np.ndarray]) -> np.ndarray:
