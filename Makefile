@@ -3,7 +3,7 @@ PY ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.setup-stamp
-APT_PKGS := wordnet-base dataset-fashion-mnist chromium
+APT_PKGS := wordnet-base dataset-fashion-mnist chromium openjdk-17-jre-headless
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml requirements/dev.txt requirements/nodeps.txt
 	  missing=""; for p in $(APT_PKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	  if [ -n "$$missing" ]; then echo "apt-get install$$missing"; \
 	    (apt-get install -y -q $$missing || (apt-get update -q && apt-get install -y -q $$missing)) >/dev/null; fi; \
-	else echo "not root or no apt-get: install Debian packages $(APT_PKGS) yourself (WordNet, Fashion-MNIST, the report browser test)"; fi
+	else echo "not root or no apt-get: install Debian packages $(APT_PKGS) yourself (WordNet, Fashion-MNIST, the report browser test, Java for the caption metrics)"; fi
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV) || python3 -m venv $(VENV)
 	$(BIN)/pip install -q -r requirements/dev.txt
 	$(BIN)/pip install -q -c requirements/dev.txt -e .

@@ -10,7 +10,8 @@ from conftest import trained_clip_file
 COMMANDS = ["models", "embed", "export", "zeroshot", "linear-probe", "align", "cbm", "diagnose", "search", "decode", "decompose",
             "explain", "diffusion-classify", "demo", "build", "train", "table"]
 # verbs that run a model: --device on all; --engine where there is per-shard work
-DEVICE_VERBS = [[c] for c in COMMANDS if c not in ("models", "train", "table")] + [["train", "clip"], ["train", "diffusion"]]
+DEVICE_VERBS = [[c] for c in COMMANDS if c not in ("models", "train", "table")] + [["train", "clip"], ["train", "diffusion"],
+                                                                                    ["train", "decoder"]]
 ENGINE_VERBS = ["embed", "export", "zeroshot", "linear-probe", "align", "cbm", "diagnose", "search", "decode", "decompose",
                 "explain", "diffusion-classify"]
 

@@ -19,6 +19,11 @@ def test_search_diagnose_cbm_decode_verbs(tmp_path, image_folder, capsys):
                  "--data-b", str(image_folder / "blue"), "--concepts", str(concepts), "--report", str(rep / "d")]) == 0
     d = json.loads((rep / "d" / "diagnose.json").read_text())
     assert {r["concept"] for r in d["concepts"]} == {"red", "blue", "sky", "fire", "grass"}
+    assert main(["diagnose", "--model", "builtin:lite-clip", "--data-a", str(image_folder / "red"), "--scores", "splice",
+                 "--data-b", str(image_folder / "blue"), "--concepts", str(concepts), "--output", str(rep / "ds.json")]) == 0
+    ds = json.loads((rep / "ds.json").read_text())
+    assert ds["scores"] == "splice" and ds["concepts"][0]["concept"] == "red" and ds["concepts"][0]["diff"] < 0
+    assert all(r["mean_a"] >= 0 and r["mean_b"] >= 0 for r in ds["concepts"])  # non-negative weights
     assert main(["cbm", "--model", "builtin:lite-clip", "--train", str(image_folder), "--test", str(image_folder),
                  "--concepts", str(concepts), "--max-concepts", "5", "--report", str(rep / "c")]) == 0
     c = json.loads((rep / "c" / "cbm.json").read_text())

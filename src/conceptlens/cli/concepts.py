@@ -28,6 +28,9 @@ def register(sub) -> None:
                 "a-b")
     p.add_argument("--concepts", default="default", help="default (class names, WordNet, caption words) or a file")
     p.add_argument("--top", type=positive, default=20, help="concepts to show")
+    p.add_argument("--scores", default="cosine", choices=["cosine", "splice"],
+                   help="per-image concept scores: cosines, or SpLiCE decomposition weights")
+    p.add_argument("--l1-penalty", type=nonnegative, default=0.25, help="SpLiCE's L1 penalty with --scores splice")
     add_outputs(p)
     p = command(sub, "search", 'concept-logic image search: "horse & sketch & !grass"', search)
     p.add_argument("query", help='concepts joined by & (and), | (or), ! (not) and parentheses')
@@ -40,6 +43,10 @@ def register(sub) -> None:
     p.add_argument("--direction", action="store_true", help="the vectors are directions (probe weights): no bias")
     p.add_argument("--captions", default="coco,flickr8k,cc3m", help="caption banks (names or files)")
     p.add_argument("--captions-per-vector", type=positive, default=5, help="nearest captions to show per vector")
+    p.add_argument("--generate", action="store_true", help="also write a sentence per vector (DeCap text decoder)")
+    p.add_argument("--beams", type=positive, default=3, help="beam width for --generate (1: greedy)")
+    p.add_argument("--decoder", help="text decoder file (default: the one shipped for the model's text tower; "
+                                     "see `conceptlens train decoder`)")
     add_outputs(p)
     p = command(sub, "decompose", "write vectors as sparse non-negative mixes of concepts (SpLiCE)", decompose,
                 "optional-data")
@@ -88,7 +95,7 @@ def diagnose(a) -> None:
     da, db = dataset_of(a, a.data_a), dataset_of(a, a.data_b)
     concepts = load_concepts(a.concepts, da.classnames)
     model = model_of(a, need_text=True)
-    res = run_diagnose(model, da, db, concepts, **embed_kwargs(a))
+    res = run_diagnose(model, da, db, concepts, scores=a.scores, l1_penalty=a.l1_penalty, **embed_kwargs(a))
     table([["concept", "diff", "Welch t", "Cohen's d", "q"]] +
           [[r["concept"], f"{r['diff']:+.3f}", f"{r['t']:.1f}", f"{r['cohens_d']:+.2f}", f"{r['q']:.1e}"]
            for r in res["concepts"][:a.top]])
@@ -117,9 +124,12 @@ def decode(a) -> None:
     data = dataset_of(a, a.data) if a.data else None
     model = model_of(a, need_text=True)
     res = run(model, vectors=vectors, data=data, per_image=a.per_image, direction=a.direction,
-              banks=a.captions.split(","), k=a.captions_per_vector, **embed_kwargs(a))
+              banks=a.captions.split(","), k=a.captions_per_vector, generate=a.generate, beams=a.beams,
+              decoder=a.decoder, **embed_kwargs(a))
     for o in res["decoded"]:
         print(f"{o['name']}: {', '.join(o['shared_words'][:6])}")
+        if "generated" in o:
+            print(f"    generated: {o['generated']}")
         for c in o["captions"][:3]:
             print(f"    {c['score']:.3f}  {c['caption']}")
     write_json(a.output, res)

@@ -1,4 +1,5 @@
-"""`train diffusion`, `train clip`, `build lite-clip`: training, resumable (rerun the same command to continue)."""
+"""`train diffusion`, `train decoder`, `train clip`, `build lite-clip`: training, resumable (rerun the same command
+to continue)."""
 from __future__ import annotations
 
 import argparse
@@ -38,6 +39,31 @@ def register(sub) -> None:
     add_precision(p)
     p.add_argument("--overwrite", action="store_true", help="start again instead of resuming the checkpoint in --out")
     p.set_defaults(func=train_diffusion)
+    p = tsub.add_parser("decoder", help="a DeCap text decoder for a vision-language model's text space, on captions only",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default="builtin:lite-clip", help="vision-language model whose text space it decodes")
+    p.add_argument("--captions", default="coco,flickr8k,cc3m", help="caption banks (names or files)")
+    p.add_argument("--hold-out", default="dev,test",
+                   help="Flickr8k splits whose captions are left out (comma-separated; '' keeps them)")
+    p.add_argument("--out", default="runs/decoder", help="checkpoint + log folder")
+    p.add_argument("--epochs", type=positive, default=3, help="passes over the captions")
+    p.add_argument("--batch-size", type=positive, default=128, help="captions per step")
+    p.add_argument("--lr", type=float, default=1e-3, help="AdamW peak learning rate (warm-up, cosine decay)")
+    p.add_argument("--noise", type=float, default=0.0, help="CapDec-style noise on training embeddings (0: DeCap)")
+    p.add_argument("--width", type=positive, default=256, help="transformer width")
+    p.add_argument("--layers", type=positive, default=3, help="transformer layers")
+    p.add_argument("--heads", type=positive, default=4, help="attention heads")
+    p.add_argument("--min-count", type=positive, default=5, help="words seen fewer times become [UNK]")
+    p.add_argument("--limit", type=positive, help="train on the first N captions only (a smoke run)")
+    p.add_argument("--stop-after", type=positive, help="stop (resumably) once this many steps are done in all")
+    add_seed(p)
+    p.add_argument("--threads", type=positive, help="torch CPU threads (default: all)")
+    p.add_argument("--ckpt-every", type=positive, default=100, help="steps between checkpoints")
+    p.add_argument("--export", help="where the finished decoder goes (default: OUT/decoder.safetensors; the "
+                                    "packaged asset only with --overwrite)")
+    add_device(p, engine=False)
+    p.add_argument("--overwrite", action="store_true", help="start again instead of resuming the checkpoint in --out")
+    p.set_defaults(func=train_decoder)
     p = tsub.add_parser("clip", help="CLIP-type training (frozen towers + heads, LiT-style) from a TOML/YAML config")
     p.add_argument("--config", required=True, help="TOML or YAML training config (see README, Training)")
     p.add_argument("--out", help="output folder (default: the config's `out` or runs/clip)")
@@ -73,6 +99,25 @@ def train_diffusion(a) -> None:
     prov = res["data"]
     _report("diffusion", Path(a.out), history, config, res, {"spec": prov["data"], "n_images": prov["n_images"],
                                                              "identity": prov["identity"]})
+
+
+def train_decoder(a) -> None:
+    from ..train.decoder import train_decoder as run
+    res = run(Path(a.out), model=a.model, banks=a.captions.split(","), held_out=[s for s in a.hold_out.split(",") if s],
+              epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, seed=a.seed, noise=a.noise, n_embd=a.width,
+              n_layer=a.layers, n_head=a.heads, min_count=a.min_count, ckpt_every=a.ckpt_every, threads=a.threads,
+              export=_not_an_asset(Path(a.export) if a.export else Path(a.out) / "decoder.safetensors", a.overwrite),
+              command=command_line(), device=a.device, overwrite=a.overwrite, limit=a.limit,
+              stop_after=a.stop_after)
+    print(json.dumps(res, indent=2))
+    with open(Path(a.out) / "log.csv", newline="") as f:
+        history = list(csv.DictReader(f))
+    config = {k: getattr(a, k) for k in ("model", "captions", "hold_out", "epochs", "batch_size", "lr", "noise", "width",
+                                         "layers", "heads", "min_count", "seed", "device")}
+    prov = res["data"]
+    _report("decoder", Path(a.out), history, config, res, {"spec": ",".join(prov["banks"]), "n_images": 0,
+                                                           "n_captions": prov["n_captions"],
+                                                           "identity": ",".join(prov["bank_sha256"].values())})
 
 
 def train_clip(a) -> None:

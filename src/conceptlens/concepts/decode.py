@@ -1,5 +1,6 @@
 """Concept-to-text (Text-to-Concept §6, with DeCap's support-memory projection; Li et al., ICLR 2023):
-turn a vector of a vision-language space (or of any space, through its aligner) into captions and words.
+turn a vector of a vision-language space (or of any space, through its aligner) into captions and words, and,
+with a DeCap text decoder (`models.captioner`), into a generated sentence.
 
 The caption bank is embedded once with the model's text tower and cached. A query vector v is first
 projected onto the caption memory M (rows normalised): v' = normalise(softmax(M v / τ)ᵀ M), which moves
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -20,6 +22,7 @@ from ..data import ImageDataset
 from ..errors import ConceptlensError
 from ..features import embed, embed_texts
 from ..models import Encoder, MappedEncoder
+from ..models.captioner import load_decoder
 from .vocab import caption_bank
 from .words import caption_concepts
 
@@ -37,6 +40,19 @@ class CaptionMemory:
         """Embed (once; cached) the caption banks with `model`'s text tower."""
         caps = caption_bank(banks, limit=limit)
         return cls(caps, F.normalize(embed_texts(model, caps), dim=-1))
+
+    def without(self, captions: Sequence[str]) -> "CaptionMemory":
+        """The memory minus `captions` (compared case- and space-insensitively): a held-out set's references."""
+        return self._filter(captions, False)
+
+    def within(self, captions: Sequence[str]) -> "CaptionMemory":
+        """Only the memory's rows that are among `captions`."""
+        return self._filter(captions, True)
+
+    def _filter(self, captions: Sequence[str], inside: bool) -> "CaptionMemory":
+        wanted = {" ".join(c.lower().split()) for c in captions}
+        keep = [i for i, c in enumerate(self.captions) if (" ".join(c.lower().split()) in wanted) == inside]
+        return CaptionMemory([self.captions[i] for i in keep], self.emb[keep])
 
     def project(self, v: torch.Tensor, temperature: float = 0.01) -> torch.Tensor:
         """DeCap's projection of vectors [B, D] onto the memory."""
@@ -101,12 +117,20 @@ def query_vectors(model: Encoder, vectors: np.ndarray | None, data: ImageDataset
 
 def decode(model: Encoder, vectors: np.ndarray | None = None, data: ImageDataset | None = None,
            per_image: bool = False, direction: bool = False, banks: Sequence[str] = DEFAULT_BANKS, k: int = 5,
-           **embed_kw) -> dict:
+           generate: bool = False, beams: int = 3, decoder: str | Path | None = None, **embed_kw) -> dict:
     """Captions for vectors of `model`'s space (through its map for an aligned model; `direction`: no bias),
-    or for the class means (`per_image`: each image) of a dataset's features."""
-    if k < 1:
-        raise ConceptlensError("k (captions per vector) must be positive")
+    or for the class means (`per_image`: each image) of a dataset's features. `generate`: also write a sentence
+    for each vector with a DeCap text decoder (`decoder`, default the one shipped for the model's text tower)
+    from its projection onto the caption memory, greedy (beams=1) or by beam search."""
+    if k < 1 or beams < 1:
+        raise ConceptlensError("k (captions per vector) and beams must be positive")
+    dec = load_decoder(model.text_model, decoder) if generate else None  # a missing decoder fails before any work
     V, names = query_vectors(model, vectors, data, per_image, direction, **embed_kw)
     mem = CaptionMemory.build(model, banks)
-    return {"model": model.name, "banks": list(banks), "k": k,
-            "decoded": [{"name": n} | d for n, d in zip(names, mem.decode(V, k=k))]}
+    out = [{"name": n} | d for n, d in zip(names, mem.decode(V, k=k))]
+    res = {"model": model.name, "banks": list(banks), "k": k, "decoded": out}
+    if dec is not None:
+        for o, text in zip(out, dec.generate(mem.project(torch.from_numpy(V)), beams=beams)):
+            o["generated"] = text
+        res["decoder"] = {"path": dec.meta["path"], "sha256": dec.meta["sha256"], "beams": beams}
+    return res

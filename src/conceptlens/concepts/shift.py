@@ -10,6 +10,7 @@ from ..data import ImageDataset
 from ..errors import ConceptlensError
 from ..features import Features, as_features
 from ..models import Encoder
+from .decompose import ConceptDecomposer
 from .vocab import activations, concept_matrix
 
 
@@ -30,16 +31,26 @@ def diagnose(A_a: np.ndarray, A_b: np.ndarray, concepts: Sequence[str]) -> list[
 
 
 def run_diagnose(model: Encoder, data_a: ImageDataset | Features, data_b: ImageDataset | Features, concepts: Sequence[str],
-                 examples: int = 5, per_side: int = 6, **embed_kw) -> dict:
+                 examples: int = 5, per_side: int = 6, scores: str = "cosine", l1_penalty: float = 0.25,
+                 **embed_kw) -> dict:
     """Rank concepts by how much they shift from A to B; with the most activating images of each side
-    for the top `examples` concepts (keys, for reports)."""
+    for the top `examples` concepts (keys, for reports). `scores`: each image's cosine with each concept
+    (Text-to-Concept), or "splice": its weights in a SpLiCE decomposition over the concepts (image mean of
+    A and B together), where concepts compete to explain an image instead of all rising with it."""
+    if scores not in ("cosine", "splice"):
+        raise ConceptlensError(f"scores are cosine or splice, not {scores!r}")
     fa, fb = as_features(model, data_a, **embed_kw), as_features(model, data_b, **embed_kw)
     C = concept_matrix(model, concepts)
-    Aa, Ab = activations(fa.X, C), activations(fb.X, C)
+    if scores == "splice":
+        dec = ConceptDecomposer(C.numpy(), l1_penalty=l1_penalty).fit(np.concatenate([fa.X, fb.X]))
+        Aa, Ab = dec.transform(fa.X), dec.transform(fb.X)
+    else:
+        Aa, Ab = activations(fa.X, C), activations(fb.X, C)
     rows = diagnose(Aa, Ab, concepts)
     idx = {c: i for i, c in enumerate(concepts)}
     ex = [{"concept": r["concept"],
            "a": [fa.keys[i] for i in np.argsort(-Aa[:, idx[r["concept"]]])[:per_side]],
            "b": [fb.keys[i] for i in np.argsort(-Ab[:, idx[r["concept"]]])[:per_side]]} for r in rows[:examples]]
     return {"model": model.name, "a": fa.dataset, "b": fb.dataset, "n_a": len(Aa), "n_b": len(Ab),
-            "n_concepts": len(concepts), "concepts": rows, "examples": ex}
+            "n_concepts": len(concepts), "scores": scores, "l1_penalty": l1_penalty if scores == "splice" else None,
+            "concepts": rows, "examples": ex}

@@ -23,6 +23,13 @@ def read_flickr8k(root: Path) -> tuple[list[tuple[str, str]], dict[str, str]]:
     return pairs, split
 
 
+def flickr8k_captions(root: Path, splits: tuple[str, ...]) -> list[str]:
+    """The captions of Flickr8k's images in `splits` (e.g. dev and test: what a text-only model trained on the caption
+    banks must not see before it is scored on those images)."""
+    pairs, split = read_flickr8k(root)
+    return [c for img, c in pairs if split.get(img) in splits]
+
+
 def read_pairs(path: str | Path) -> tuple[ImageDataset, list[str], np.ndarray]:
     """Image-caption pairs from a CSV/TSV/JSONL with `path` and `caption` (or `text`) columns (a path may repeat:
     several captions), or WebDataset shards with KEY.jpg + KEY.txt. Returns the unique-image dataset, the

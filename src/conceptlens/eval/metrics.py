@@ -48,3 +48,30 @@ def retrieval_metrics(image_emb: torch.Tensor, text_emb: torch.Tensor, text_owne
         top_t = sim.T.topk(min(k, sim.shape[0]), dim=1).indices
         out[f"text_retrieval_recall@{k}"] = float(positive.T.gather(1, top_t).any(1).float().mean())
     return out
+
+
+def caption_metrics(candidates: Sequence[str], references: Sequence[Sequence[str]], meteor: bool = True) -> dict:
+    """BLEU-1..4, CIDEr-D and METEOR of one candidate caption per item against its references, with the COCO
+    caption evaluation code (pycocoevalcap; its PTB tokenizer and METEOR run on Java, which is then required)."""
+    import shutil
+
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    from ..errors import ConceptlensError
+    if len(candidates) != len(references) or not candidates:
+        raise ConceptlensError(f"{len(candidates)} candidates for {len(references)} reference sets: give one per item")
+    if any(not refs for refs in references):
+        raise ConceptlensError("every item needs at least one reference caption")
+    if shutil.which("java") is None:
+        raise ConceptlensError("the COCO caption metrics need Java (Debian: default-jre-headless)")
+    tok = PTBTokenizer()
+    gts = tok.tokenize({i: [{"caption": r} for r in refs] for i, refs in enumerate(references)})
+    res = tok.tokenize({i: [{"caption": c}] for i, c in enumerate(candidates)})
+    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+    out = {f"bleu{n + 1}": float(b) for n, b in enumerate(bleu)} | {"cider": float(Cider().compute_score(gts, res)[0])}
+    if meteor:
+        from pycocoevalcap.meteor.meteor import Meteor
+        out["meteor"] = float(Meteor().compute_score(gts, res)[0])
+    return out | {"n": len(candidates), "scorer": "pycocoevalcap (PTB tokenizer)"}

@@ -138,7 +138,9 @@ def diagnose_report(res: dict, data_a: ImageDataset, data_b: ImageDataset, repor
     head = res["concepts"][:top]
     sections = [{"title": f"top {len(head)} shifted concepts (B − A) of {res['n_concepts']}",
                  "note": f"A = {res['a']} ({res['n_a']} images), B = {res['b']} ({res['n_b']} images); "
-                         "q: Benjamini-Hochberg adjusted p of Welch's t-test",
+                         "q: Benjamini-Hochberg adjusted p of Welch's t-test; scores: " +
+                         (f"SpLiCE weights (L1 penalty {res['l1_penalty']})" if res.get("scores") == "splice"
+                          else "cosines with the concepts"),
                  "table": [["concept", "mean A", "mean B", "diff", "Welch t", "Cohen's d", "q (BH)"]] +
                  [[r["concept"], f"{r['mean_a']:.3f}", f"{r['mean_b']:.3f}", f"{r['diff']:+.3f}", f"{r['t']:.1f}",
                    f"{r['cohens_d']:+.2f}", _q(r["q"])] for r in head]},
@@ -168,8 +170,11 @@ def decode_report(res: dict, report: Path) -> Path:
                  "is close; read the captions with care", "image": fig_b64(bar_figure(
                      [o["name"] for o in res["decoded"][:40]], best, "", "cosine"))},
                 {"title": f"{len(res['decoded'])} vectors decoded into {', '.join(res['banks'])}",
-                 "table": [["vector", "shared words", "nearest captions (cosine)"]] +
-                 [[o["name"], ", ".join(o["shared_words"][:8]),
+                 "note": (f"generated: DeCap text decoder {Path(res['decoder']['path']).name}, beam width "
+                          f"{res['decoder']['beams']}" if "decoder" in res else ""),
+                 "table": [["vector"] + (["generated"] if "decoder" in res else []) +
+                           ["shared words", "nearest captions (cosine)"]] +
+                 [[o["name"]] + ([o["generated"]] if "decoder" in res else []) + [", ".join(o["shared_words"][:8]),
                    " | ".join(f"{c['caption']} ({c['score']:.3f})" for c in o["captions"][:res["k"]])]
                   for o in res["decoded"]]}]
     return _write(report, f"Decoded vectors — {res['model']}", sections, "decode", res)

@@ -7,11 +7,6 @@ step's batch, noise, timesteps and captions are functions of (seed, step), so re
 from __future__ import annotations
 
 import copy
-import csv
-import math
-import signal
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -20,10 +15,11 @@ import torch.nn.functional as F
 
 from ..data import load_dataset, to_arrays
 from ..errors import ConceptlensError
-from ..io import atomic_save_npy, cache_dir, digest, file_sha256, progress, read_safetensors_meta
+from ..io import atomic_save_npy, cache_dir, digest, file_sha256, read_safetensors_meta
 from ..models.denoisers import SYNONYMS, TRAIN_TEMPLATES, TinyDiffusion, add_noise, export_weights
 from ..runtime import autocast, resolve_device, resolve_precision, to_device
 from .checkpoint import load_checkpoint, save_checkpoint
+from .loop import finite, run_steps
 
 
 def image_array(spec: str) -> tuple[np.ndarray, np.ndarray, list[str], dict]:
@@ -106,72 +102,44 @@ def _train(data: str, out: Path, steps: int, batch_size: int, lr: float, seed: i
     sched = model.scheduler
     alphas = sched.alphas_cumprod.float().to(dev)
     n, per_epoch = len(images), len(images) // batch_size
-    log = out / "log.csv"
-    new_log = not log.exists()
-    stop = {"flag": False}
-    old = signal.signal(signal.SIGTERM, lambda *a: stop.update(flag=True))
 
     def save(step: int, loss: float) -> None:
         save_checkpoint(ckpt, {"unet": unet, "ema": ema}, opt,
                         {"step": step, "loss": loss, "config": config, "command": command})
 
-    losses: list[float] = []
-    bar = progress(total=steps, initial=start, desc="training denoiser", unit="step")
-    t0 = time.time()
-    step = start
-    try:
-        with open(log, "a", newline="") as lf:
-            w = csv.writer(lf)
-            if new_log:
-                w.writerow(["step", "loss", "lr", "seconds"])
-            while step < steps and not stop["flag"]:
-                g = torch.Generator().manual_seed(seed * 1_000_003 + step)
-                epoch, pos = divmod(step, per_epoch)
-                perm = np.random.default_rng([seed, epoch]).permutation(n)
-                idx = np.sort(perm[pos * batch_size:(pos + 1) * batch_size])
-                x = torch.from_numpy(np.ascontiguousarray(images[idx])).permute(0, 3, 1, 2).float() / 127.5 - 1
-                flip = torch.rand(len(idx), generator=g) < 0.5
-                x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-                pick = torch.rand(len(idx), generator=g)
-                cap = [by_class[labels[i]][int(p * len(by_class[labels[i]]))] for i, p in zip(idx, pick.tolist())]
-                cond = text_emb[cap]
-                cond = to_device(torch.where((torch.rand(len(idx), generator=g) < cond_dropout)[:, None], 0.0, cond), dev)
-                z0 = model.to_model_space(to_device(x, dev))
-                noise = to_device(torch.randn(z0.shape, generator=g), dev)
-                t = to_device(torch.randint(0, sched.config.num_train_timesteps, (len(idx),), generator=g), dev)
-                zt = add_noise(z0, noise, t, alphas)
-                for group in opt.param_groups:
-                    group["lr"] = lr_at(step, lr, 500)
-                with autocast(dev, precision):
-                    pred = unet(zt, t, cond[:, None, :], class_labels=cond).sample
-                loss = F.mse_loss(pred.float(), noise)
-                if not math.isfinite(loss.item()):
-                    raise ConceptlensError(f"loss became {loss.item()} at step {step}; lower --lr")
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-                opt.step()
-                decay = min(ema_decay, (1 + step) / (10 + step))
-                with torch.no_grad():
-                    for pe, p in zip(ema.parameters(), unet.parameters()):
-                        pe.lerp_(p, 1 - decay)
-                step += 1
-                losses.append(loss.item())
-                w.writerow([step, f"{loss.item():.5f}", f"{lr_at(step - 1, lr, 500):.2e}", f"{time.time() - t0:.1f}"])
-                bar.update(1)
-                bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
-                if step % ckpt_every == 0:
-                    lf.flush()
-                    save(step, float(np.mean(losses[-50:])))
-    except KeyboardInterrupt:
-        stop["flag"] = True
-    finally:
-        bar.close()
-        signal.signal(signal.SIGTERM, old)
-        if step > start:
-            save(step, float(np.mean(losses[-50:])) if losses else float("nan"))
-    if stop["flag"]:
-        print(f"stopped at step {step}; checkpoint {ckpt} (rerun the same command to resume)", file=sys.stderr)
+    def one_step(step: int) -> tuple[float, float]:
+        g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+        epoch, pos = divmod(step, per_epoch)
+        perm = np.random.default_rng([seed, epoch]).permutation(n)
+        idx = np.sort(perm[pos * batch_size:(pos + 1) * batch_size])
+        x = torch.from_numpy(np.ascontiguousarray(images[idx])).permute(0, 3, 1, 2).float() / 127.5 - 1
+        flip = torch.rand(len(idx), generator=g) < 0.5
+        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        pick = torch.rand(len(idx), generator=g)
+        cap = [by_class[labels[i]][int(p * len(by_class[labels[i]]))] for i, p in zip(idx, pick.tolist())]
+        cond = text_emb[cap]
+        cond = to_device(torch.where((torch.rand(len(idx), generator=g) < cond_dropout)[:, None], 0.0, cond), dev)
+        z0 = model.to_model_space(to_device(x, dev))
+        noise = to_device(torch.randn(z0.shape, generator=g), dev)
+        t = to_device(torch.randint(0, sched.config.num_train_timesteps, (len(idx),), generator=g), dev)
+        zt = add_noise(z0, noise, t, alphas)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, lr, 500)
+        with autocast(dev, precision):
+            pred = unet(zt, t, cond[:, None, :], class_labels=cond).sample
+        loss = F.mse_loss(pred.float(), noise)
+        value = finite(loss.item(), step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        decay = min(ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for pe, p in zip(ema.parameters(), unet.parameters()):
+                pe.lerp_(p, 1 - decay)
+        return value, lr_at(step, lr, 500)
+
+    step, _ = run_steps(out, start, steps, one_step, save, ckpt_every, "training denoiser")
     result = {"step": step, "checkpoint": str(ckpt), "data": prov}
     if step >= steps:
         result["exported"] = str(export_from_checkpoint(ckpt, export or out / "model.safetensors"))  # never the asset
