@@ -111,3 +111,15 @@ def test_shipped_decoder_writes_about_a_caption():
     emb = embed_texts(load_model("builtin:lite-clip"), ["a dog running on the beach", "a man riding a bicycle"])
     dog, bike = dec.generate(emb, beams=3)
     assert "dog" in dog and ("bike" in bike or "bicycle" in bike), (dog, bike)
+
+
+@pytest.mark.skipif(__import__("shutil").which("java") is None, reason="the COCO caption metrics run on Java")
+def test_caption_metrics_score_exact_and_wrong_captions_apart():
+    from conceptlens.eval import caption_metrics
+    refs = [["a dog runs on the grass", "a brown dog running on a lawn"], ["two men ride bikes down a hill"],
+            ["a cat sleeps on a red sofa", "a cat lying on a couch"]]
+    exact = caption_metrics([r[0] for r in refs], refs, meteor=False)
+    wrong = caption_metrics(["a plate of food", "a red bus", "snow on a mountain"], refs, meteor=False)
+    assert exact["bleu4"] > 0.99 and exact["cider"] > 1.0 and wrong["bleu4"] < 0.01 and wrong["cider"] < 0.1
+    with pytest.raises(ConceptlensError, match="one per item"):
+        caption_metrics(["a dog"], refs)

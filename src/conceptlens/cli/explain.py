@@ -20,6 +20,8 @@ def register(sub) -> None:
     p.add_argument("--top-n", type=positive, help="use the top-n images instead of the threshold")
     p.add_argument("--no-gradcam", action="store_true", help="whole images instead of Grad-CAM crops")
     p.add_argument("--transfer", help="aligner B->M: explain --features of space B through its map into --model's space")
+    p.add_argument("--generate", action="store_true", help="also write a sentence per explanation (DeCap text decoder)")
+    p.add_argument("--decoder", help="text decoder file (default: the one shipped for --vl-model's text tower)")
     add_outputs(p)
 
 
@@ -38,13 +40,15 @@ def explain(a) -> None:
     model, vl = model_of(a), load_on_device(a, a.vl_model)
     res = run_falcon(model, ds, vl, features=features, directions=directions, top_groups=a.top_groups,
                      transfer=a.transfer, banks=a.captions.split(","), k=a.threshold_std, top_n=a.top_n,
-                     use_gradcam=not a.no_gradcam, embed_kw=embed_kwargs(a))
+                     use_gradcam=not a.no_gradcam, embed_kw=embed_kwargs(a), generate=a.generate, decoder=a.decoder)
     if a.top_groups and len(res) < a.top_groups:
         print(f"{len(res)} groups, not {a.top_groups}: the features form only {len(res)} groups with highly "
               "activating images")
     for r in res:
         print(f"{r['name']} ({r['n_high']} images): words: {', '.join(w['concept'] for w in r['words'])}")
         print(f"    phrases: {', '.join(p['concept'] for p in r['phrases'])}")
+        if r["generated"]:
+            print(f"    generated: {r['generated']}")
     images = [(r.pop("_crops", []), r.pop("_overlays", [])) for r in res]
     write_json(a.output, {"model": model.name, "vl_model": vl.name, "explanations": res})
     if a.report:

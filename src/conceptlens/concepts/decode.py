@@ -117,7 +117,7 @@ def query_vectors(model: Encoder, vectors: np.ndarray | None, data: ImageDataset
 
 def decode(model: Encoder, vectors: np.ndarray | None = None, data: ImageDataset | None = None,
            per_image: bool = False, direction: bool = False, banks: Sequence[str] = DEFAULT_BANKS, k: int = 5,
-           generate: bool = False, beams: int = 3, decoder: str | Path | None = None, **embed_kw) -> dict:
+           generate: bool = False, beams: int = 5, decoder: str | Path | None = None, **embed_kw) -> dict:
     """Captions for vectors of `model`'s space (through its map for an aligned model; `direction`: no bias),
     or for the class means (`per_image`: each image) of a dataset's features. `generate`: also write a sentence
     for each vector with a DeCap text decoder (`decoder`, default the one shipped for the model's text tower)

@@ -37,6 +37,7 @@ from ..data import ImageDataset, images_at
 from ..errors import ConceptlensError
 from ..features import embed
 from ..models import Encoder
+from ..models.captioner import TextDecoder, load_decoder
 
 
 class CaptionBankIndex(CaptionMemory):
@@ -202,8 +203,9 @@ def explain(R: np.ndarray, dataset, keys: Sequence[str], model, vl_model, bank: 
             features: Sequence[int] | None = None, direction: np.ndarray | None = None, k: float = 5.0,
             top_n: int | None = None, max_crops: int = 20, n_low: int = 10, low_sim: float = 0.3,
             drop: float = 0.1, n_words: int = 8, n_phrases: int = 8, captions_per_crop: int = 5,
-            use_gradcam: bool = True, contrastive: bool = True) -> dict:
-    """Explain a feature, a group of features or a direction of representation R (rows = images, `keys`)."""
+            use_gradcam: bool = True, contrastive: bool = True, decoder: TextDecoder | None = None) -> dict:
+    """Explain a feature, a group of features or a direction of representation R (rows = images, `keys`);
+    with a DeCap `decoder`, also a sentence written from the crops' mean embedding (projected onto the bank)."""
     R = normalised(R)
     vals = target_values(R, features, direction)
     high = high_images(R, vals, k, top_n, matrix_threshold=direction is None)[:max_crops]
@@ -224,8 +226,9 @@ def explain(R: np.ndarray, dataset, keys: Sequence[str], model, vl_model, bank: 
     top_p = sorted(phrases.items(), key=lambda x: -x[1])[:n_phrases]
     coherence = float((crop_emb @ crop_emb.T)[~torch.eye(len(crop_emb), dtype=torch.bool)].mean()) \
         if len(crop_emb) > 1 else 1.0
+    generated = decoder.generate(bank.project(crop_emb.mean(0, keepdim=True)), beams=5)[0] if decoder else None
     return {"features": list(features) if features is not None else None, "n_high": int(len(high)),
-            "high_keys": [keys[i] for i in high], "low_keys": [keys[i] for i in low],
+            "high_keys": [keys[i] for i in high], "low_keys": [keys[i] for i in low], "generated": generated,
             "words": [{"concept": c, "score": s} for c, s in top_w],
             "phrases": [{"concept": c, "score": s} for c, s in top_p],
             "removed_by_contrast": removed, "crop_coherence": coherence, "captions": per_crop[:5],
@@ -249,13 +252,17 @@ def transfer_target(aligner: Path | str, features: Sequence[int], model: Encoder
 def run_falcon(model: Encoder, data: ImageDataset, vl_model: Encoder, features: Sequence[int] | None = None,
                directions: np.ndarray | None = None, top_groups: int | None = None, transfer: Path | str | None = None,
                banks: Sequence[str] = DEFAULT_BANKS, k: float = 5.0, top_n: int | None = None,
-               use_gradcam: bool = True, embed_kw: dict | None = None) -> list[dict]:
+               use_gradcam: bool = True, embed_kw: dict | None = None, generate: bool = False,
+               decoder: str | Path | None = None) -> list[dict]:
     """Explain a feature group (`features`, optionally of another space through `transfer`), directions
-    [N, D], or the `top_groups` largest discovered groups. Each result keeps its crops under `_crops`."""
+    [N, D], or the `top_groups` largest discovered groups. Each result keeps its crops under `_crops`.
+    `generate`: also a DeCap-written sentence per explanation (`decoder`, default the one shipped for the
+    vision-language model's text tower)."""
     if sum(x is not None for x in (features, directions, top_groups)) != 1:
         raise ConceptlensError("give exactly one of features, directions or top_groups")
     if not (vl_model.has_text and vl_model.has_image):
         raise ConceptlensError(f"{vl_model.name} must be a vision-language model (crops and captions)")
+    dec = load_decoder(vl_model.text_model, decoder) if generate else None
     feats = embed(model, data, **(embed_kw or {}))
     if features is not None:
         targets = [transfer_target(transfer, features, model) if transfer else {"features": list(features)}]
@@ -276,7 +283,7 @@ def run_falcon(model: Encoder, data: ImageDataset, vl_model: Encoder, features: 
     results = []
     for t in targets:
         res = explain(R, data, feats.keys, model, vl_model, bank, features=t.get("features"),
-                      direction=t.get("direction"), k=k, top_n=top_n, use_gradcam=use_gradcam)
+                      direction=t.get("direction"), k=k, top_n=top_n, use_gradcam=use_gradcam, decoder=dec)
         res["name"] = t.get("name") or f"features {','.join(map(str, res['features']))}"
         results.append(res)
     return results

@@ -67,7 +67,7 @@ class TextDecoder(torch.nn.Module):
         from tokenizers import Tokenizer
         from transformers import GPT2Config, GPT2LMHeadModel
         self.vocabulary, self.tokenizer = vocabulary, Tokenizer.from_str(vocabulary)
-        self.pad, self.eos = self.tokenizer.token_to_id(PAD), self.tokenizer.token_to_id(EOS)
+        self.pad, self.unk, self.eos = (self.tokenizer.token_to_id(t) for t in (PAD, UNK, EOS))
         self.config = dict(embed_dim=embed_dim, n_embd=n_embd, n_layer=n_layer, n_head=n_head, max_tokens=max_tokens,
                            prefix_length=prefix_length, min_count=min_count)
         cfg = GPT2Config(vocab_size=self.tokenizer.get_vocab_size(), n_positions=max_tokens + prefix_length,
@@ -116,20 +116,25 @@ class TextDecoder(torch.nn.Module):
             raise ConceptlensError(f"vectors of shape {tuple(emb.shape)}: this decoder takes [N, {self.config['embed_dim']}]")
         if not torch.isfinite(emb).all():
             raise ConceptlensError("vector contains NaN or inf")
-        was = self.training
+        from transformers.utils import logging as hf_logging
+        was, verbosity = self.training, hf_logging.get_verbosity()
         self.eval()
+        hf_logging.set_verbosity_error()  # finished beams are padded: its "pass an attention_mask" hint does not apply
         out: list[str] = []
         n = max_tokens or self.config["max_tokens"]
-        for s in range(0, len(emb), batch_size):
-            x = self._prefix(emb[s:s + batch_size])
-            ids = self.gpt.generate(inputs_embeds=x, attention_mask=torch.ones(x.shape[:2], dtype=torch.long,
-                                                                               device=self.device),
-                                    max_new_tokens=n, num_beams=beams, do_sample=False, eos_token_id=self.eos,
-                                    pad_token_id=self.pad)
-            for row in ids.tolist():
-                row = row[:row.index(self.eos)] if self.eos in row else row
-                out.append(detokenize([self.tokenizer.id_to_token(i) for i in row if i != self.pad]))
-        self.train(was)
+        try:
+            for s in range(0, len(emb), batch_size):
+                x = self._prefix(emb[s:s + batch_size])
+                ids = self.gpt.generate(inputs_embeds=x, attention_mask=torch.ones(x.shape[:2], dtype=torch.long,
+                                                                                   device=self.device),
+                                        max_new_tokens=n, num_beams=beams, do_sample=False, eos_token_id=self.eos,
+                                        pad_token_id=self.pad, suppress_tokens=[self.unk])  # never write [UNK]
+                for row in ids.tolist():
+                    row = row[:row.index(self.eos)] if self.eos in row else row
+                    out.append(detokenize([self.tokenizer.id_to_token(i) for i in row if i != self.pad]))
+        finally:
+            self.train(was)
+            hf_logging.set_verbosity(verbosity)
         return out
 
     def save(self, path: Path | str, meta: dict) -> Path:

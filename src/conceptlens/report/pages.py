@@ -208,7 +208,9 @@ def explain_report(results: list[dict], data: ImageDataset, model_name: str, vl_
         crops, overlays = res.pop("_crops", []), res.pop("_overlays", [])
         name = res["name"]
         sections.append({"title": f"{name}: {', '.join(w['concept'] for w in res['words'][:5])}",
-                         "text": "removed by the contrastive step: " + (", ".join(res["removed_by_contrast"]) or "none")})
+                         "text": "removed by the contrastive step: " + (", ".join(res["removed_by_contrast"]) or "none")
+                         + (f" · generated description (DeCap decoder, crops' mean): {res['generated']}"
+                            if res.get("generated") else "")})
         for kind in ("words", "phrases"):
             if res[kind]:
                 sections.append({"title": f"{name}: {kind}", "image": fig_b64(bar_figure(
