@@ -123,3 +123,38 @@ def test_caption_metrics_score_exact_and_wrong_captions_apart():
     assert exact["bleu4"] > 0.99 and exact["cider"] > 1.0 and wrong["bleu4"] < 0.01 and wrong["cider"] < 0.1
     with pytest.raises(ConceptlensError, match="one per item"):
         caption_metrics(["a dog"], refs)
+
+
+def test_train_decoder_cli_leaves_a_report(bank, tmp_path, capsys):
+    from conceptlens.cli import main
+    out = tmp_path / "run"
+    assert main(["train", "decoder", "--captions", str(bank), "--hold-out", "", "--out", str(out), "--epochs", "2",
+                 "--batch-size", "4", "--width", "32", "--layers", "1", "--heads", "2", "--min-count", "1"]) == 0
+    assert (out / "decoder.safetensors").exists() and (out / "report" / "index.html").exists()
+    assert main(["train", "decoder", "--captions", str(bank), "--out", str(tmp_path / "x"), "--width", "30",
+                 "--heads", "4"]) == 2
+    assert "multiple of n_head" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_shipped_decoder_names_imagenette_class_means():
+    """Floor for benchmarks/decode.py (8/10 at beam 5): class means of every 4th Imagenette val image."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from decode import D, class_terms, names_class
+
+    from conceptlens.concepts import CaptionMemory
+    from conceptlens.data import dataset_rows, load_dataset
+    from conceptlens.features import embed
+    from conceptlens.models import load_model
+    from conceptlens.models.captioner import load_decoder
+    model = load_model("builtin:lite-clip")
+    ds = load_dataset(str(D / "imagenette" / "val"))
+    f = embed(model, dataset_rows(ds, list(range(0, len(ds), 4))), show_progress=False)
+    X = np.asarray(f.X, np.float32)
+    means = torch.from_numpy(np.stack([X[f.labels == c].mean(0) for c in range(10)]))
+    wnids = dict(line.split("\t")[::-1] for line in (D / "imagenette" / "classes.tsv").read_text().split("\n") if line)
+    gen = load_decoder(model.text_model).generate(CaptionMemory.build(model).project(means), beams=5)
+    named = [names_class(g, class_terms(wnids[n], n)) for n, g in zip(f.classnames, gen)]
+    assert sum(x is not None for x in named) >= 6, list(zip(f.classnames, gen))
