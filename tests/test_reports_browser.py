@@ -52,7 +52,7 @@ def reports(tmp_path_factory):
         "diagnose": ["diagnose", "--model", VL, "--data-a", str(data), "--data-b", str(long), "--concepts",
                      str(concepts), "--top", "5"],
         "search": ["search", "red & !blue", "--model", VL, "--data", str(long), "--top-k", "20"],
-        "decode": ["decode", "--model", VL, "--data", str(data), "--captions", str(bank)],
+        "decode": ["decode", "--model", VL, "--data", str(data), "--captions", str(bank), "--generate"],
         "decompose": ["decompose", "--model", VL, "--data", str(long), "--concepts", str(concepts), "--n-concepts", "3"],
         "explain": ["explain", "--model", "builtin:mobilenetv2", "--data", str(long), "--features", "3,5",
                     "--top-n", "4", "--vl-model", VL, "--captions", str(bank)],
