@@ -30,14 +30,8 @@ def register(sub) -> None:
     p.add_argument("--steps", type=positive, default=6000, help="optimiser steps")
     p.add_argument("--batch-size", type=positive, default=64, help="images per step")
     p.add_argument("--lr", type=float, default=2e-4, help="AdamW learning rate")
-    add_seed(p)
-    p.add_argument("--threads", type=positive, help="torch CPU threads (default: all)")
-    p.add_argument("--ckpt-every", type=positive, default=100, help="steps between checkpoints")
-    p.add_argument("--export", help="where the finished weights go (default: OUT/model.safetensors; the packaged "
-                                    "asset only with --overwrite)")
-    add_device(p, engine=False)
+    _run_options(p, "model.safetensors")
     add_precision(p)
-    p.add_argument("--overwrite", action="store_true", help="start again instead of resuming the checkpoint in --out")
     p.set_defaults(func=train_diffusion)
     p = tsub.add_parser("decoder", help="a DeCap text decoder for a vision-language model's text space, on captions only",
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -56,13 +50,7 @@ def register(sub) -> None:
     p.add_argument("--min-count", type=positive, default=5, help="words seen fewer times become [UNK]")
     p.add_argument("--limit", type=positive, help="train on the first N captions only (a smoke run)")
     p.add_argument("--stop-after", type=positive, help="stop (resumably) once this many steps are done in all")
-    add_seed(p)
-    p.add_argument("--threads", type=positive, help="torch CPU threads (default: all)")
-    p.add_argument("--ckpt-every", type=positive, default=100, help="steps between checkpoints")
-    p.add_argument("--export", help="where the finished decoder goes (default: OUT/decoder.safetensors; the "
-                                    "packaged asset only with --overwrite)")
-    add_device(p, engine=False)
-    p.add_argument("--overwrite", action="store_true", help="start again instead of resuming the checkpoint in --out")
+    _run_options(p, "decoder.safetensors")
     p.set_defaults(func=train_decoder)
     p = tsub.add_parser("clip", help="CLIP-type training (frozen towers + heads, LiT-style) from a TOML/YAML config")
     p.add_argument("--config", required=True, help="TOML or YAML training config (see README, Training)")
@@ -70,6 +58,17 @@ def register(sub) -> None:
     add_device(p, engine=False)
     p.add_argument("--overwrite", action="store_true", help="start again instead of resuming the checkpoint in --out")
     p.set_defaults(func=train_clip)
+
+
+def _run_options(p, export: str) -> None:
+    """What every resumable trainer takes: seed, threads, checkpoint interval, export path, device, overwrite."""
+    add_seed(p)
+    p.add_argument("--threads", type=positive, help="torch CPU threads (default: all)")
+    p.add_argument("--ckpt-every", type=positive, default=100, help="steps between checkpoints")
+    p.add_argument("--export", help=f"where the finished weights go (default: OUT/{export}; the packaged asset only "
+                                    "with --overwrite)")
+    add_device(p, engine=False)
+    p.add_argument("--overwrite", action="store_true", help="start again instead of resuming the checkpoint in --out")
 
 
 def _not_an_asset(path: Path, overwrite: bool) -> Path:
