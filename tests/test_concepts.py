@@ -106,3 +106,26 @@ def test_caption_memory_decodes_its_own_captions():
     with pytest.raises(ConceptlensError, match="dims"):
         mem.decode(np.zeros(7))
     assert sorted(shared_words(["two dogs on grass", "a dog in the grass", "a cat"])) == ["dog", "grass"]
+
+
+def test_relaxed_refit_matches_scikit_learn_on_its_support_and_keeps_the_budget():
+    """The relaxed lasso step: on a fixed support it is an L2 logistic regression (scikit-learn parity); the CBM
+    keeps its concepts within the budget whether or not the held-out fifth takes the relaxed weights."""
+    from sklearn.linear_model import LogisticRegression
+
+    from conceptlens.concepts.cbm import ConceptBottleneck, relaxed_logistic
+    rng = np.random.default_rng(0)
+    Z = rng.normal(size=(600, 12))
+    y = (Z[:, :3] @ rng.normal(size=(3, 3))).argmax(1)
+    Y = np.eye(3)[y]
+    mask = np.zeros((12, 3), bool)
+    mask[[0, 1, 2, 5]] = True  # the same four features for every class
+    W, b = relaxed_logistic(Z, Y, mask, np.zeros((12, 3)), np.zeros(3), l2=1e-2)
+    ref = LogisticRegression(C=1 / (1e-2 * len(Z)), tol=1e-10, max_iter=5000).fit(Z[:, [0, 1, 2, 5]], y)
+    assert np.all(W[~mask] == 0)
+    np.testing.assert_allclose(W[[0, 1, 2, 5]] - W[[0, 1, 2, 5]].mean(1, keepdims=True),
+                               ref.coef_.T - ref.coef_.T.mean(1, keepdims=True), atol=2e-3)
+    A = np.abs(Z) + rng.normal(scale=0.1, size=Z.shape)
+    for relax in (False, True):
+        cbm = ConceptBottleneck(max_concepts=4, relax=relax).fit(A, y)
+        assert max(cbm.nonzero_per_class()) <= 4 and cbm.relaxed_ == (relax and cbm.relaxed_)
