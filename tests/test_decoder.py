@@ -141,6 +141,9 @@ def test_shipped_decoder_names_imagenette_class_means():
     """Floor for benchmarks/decode.py (8/10 at beam 5): class means of every 4th Imagenette val image."""
     import sys
     from pathlib import Path
+
+    from conftest import shared
+    shared("data/imagenette/val")
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     from decode import D, class_terms, names_class
 
