@@ -71,6 +71,17 @@ def _run_options(p, export: str) -> None:
     p.add_argument("--overwrite", action="store_true", help="start again instead of resuming the checkpoint in --out")
 
 
+def _export(a, default: str) -> Path:
+    """--export, else OUT/default; a packaged model file only with --overwrite."""
+    return _not_an_asset(Path(a.export) if a.export else Path(a.out) / default, a.overwrite)
+
+
+def _history(out: Path) -> list[dict]:
+    """The rows of a resumable trainer's OUT/log.csv."""
+    with open(out / "log.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
 def _not_an_asset(path: Path, overwrite: bool) -> Path:
     """An output path that may replace a packaged model file (or any existing file) only with --overwrite."""
     from ..io import asset_path
@@ -89,11 +100,10 @@ def train_diffusion(a) -> None:
     from ..train.diffusion import train_diffusion as run
     res = run(a.data, Path(a.out), steps=a.steps, batch_size=a.batch_size, lr=a.lr, seed=a.seed, threads=a.threads,
               ckpt_every=a.ckpt_every, command=command_line(),
-              export=_not_an_asset(Path(a.export) if a.export else Path(a.out) / "model.safetensors", a.overwrite),
+              export=_export(a, "model.safetensors"),
               device=a.device, precision=a.precision, overwrite=a.overwrite)
     print(json.dumps(res, indent=2))
-    with open(Path(a.out) / "log.csv", newline="") as f:
-        history = list(csv.DictReader(f))
+    history = _history(Path(a.out))
     config = {k: getattr(a, k) for k in ("data", "steps", "batch_size", "lr", "seed", "ckpt_every", "device", "precision")}
     prov = res["data"]
     _report("diffusion", Path(a.out), history, config, res, {"spec": prov["data"], "n_images": prov["n_images"],
@@ -105,12 +115,11 @@ def train_decoder(a) -> None:
     res = run(Path(a.out), model=a.model, banks=a.captions.split(","), held_out=[s for s in a.hold_out.split(",") if s],
               epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, seed=a.seed, noise=a.noise, n_embd=a.width,
               n_layer=a.layers, n_head=a.heads, min_count=a.min_count, ckpt_every=a.ckpt_every, threads=a.threads,
-              export=_not_an_asset(Path(a.export) if a.export else Path(a.out) / "decoder.safetensors", a.overwrite),
+              export=_export(a, "decoder.safetensors"),
               command=command_line(), device=a.device, overwrite=a.overwrite, limit=a.limit,
               stop_after=a.stop_after)
     print(json.dumps(res, indent=2))
-    with open(Path(a.out) / "log.csv", newline="") as f:
-        history = list(csv.DictReader(f))
+    history = _history(Path(a.out))
     config = {k: getattr(a, k) for k in ("model", "captions", "hold_out", "epochs", "batch_size", "lr", "noise", "width",
                                          "layers", "heads", "min_count", "seed", "device")}
     prov = res["data"]

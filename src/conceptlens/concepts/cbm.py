@@ -132,8 +132,9 @@ class ConceptBottleneck(ClassifierMixin, BaseEstimator):
                 over = C
                 break
             lo, Wlo, blo = C, W, b
-            if best is None or (acc := held(W, b)) >= best[0]:
-                best = (held(W, b) if best is None else acc, C, W, b)
+            acc = held(W, b)
+            if best is None or acc >= best[0]:
+                best = (acc, C, W, b)
         if best is None:
             raise ConceptlensError(f"even the strongest L1 penalty keeps more than {self.max_concepts} concepts a class")
         for _ in range(self.refine if over is not None else 0):

@@ -22,7 +22,7 @@ from ..data import ImageDataset
 from ..errors import ConceptlensError
 from ..features import embed, embed_texts
 from ..models import Encoder, MappedEncoder
-from ..models.captioner import load_decoder
+from ..models.captioner import DEFAULT_BEAMS, load_decoder
 from .vocab import caption_bank
 from .words import caption_concepts
 
@@ -117,7 +117,7 @@ def query_vectors(model: Encoder, vectors: np.ndarray | None, data: ImageDataset
 
 def decode(model: Encoder, vectors: np.ndarray | None = None, data: ImageDataset | None = None,
            per_image: bool = False, direction: bool = False, banks: Sequence[str] = DEFAULT_BANKS, k: int = 5,
-           generate: bool = False, beams: int = 5, decoder: str | Path | None = None, **embed_kw) -> dict:
+           generate: bool = False, beams: int = DEFAULT_BEAMS, decoder: str | Path | None = None, **embed_kw) -> dict:
     """Captions for vectors of `model`'s space (through its map for an aligned model; `direction`: no bias),
     or for the class means (`per_image`: each image) of a dataset's features. `generate`: also write a sentence
     for each vector with a DeCap text decoder (`decoder`, default the one shipped for the model's text tower)
@@ -127,10 +127,11 @@ def decode(model: Encoder, vectors: np.ndarray | None = None, data: ImageDataset
     dec = load_decoder(model.text_model, decoder) if generate else None  # a missing decoder fails before any work
     V, names = query_vectors(model, vectors, data, per_image, direction, **embed_kw)
     mem = CaptionMemory.build(model, banks)
-    out = [{"name": n} | d for n, d in zip(names, mem.decode(V, k=k))]
+    q = mem.project(torch.from_numpy(V))  # once: retrieval and generation start from the same projection
+    out = [{"name": n} | d for n, d in zip(names, mem.decode(q, k=k, project=False))]
     res = {"model": model.name, "banks": list(banks), "k": k, "decoded": out}
     if dec is not None:
-        for o, text in zip(out, dec.generate(mem.project(torch.from_numpy(V)), beams=beams)):
+        for o, text in zip(out, dec.generate(q, beams=beams)):
             o["generated"] = text
         res["decoder"] = {"path": dec.meta["path"], "sha256": dec.meta["sha256"], "beams": beams}
     return res

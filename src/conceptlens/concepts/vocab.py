@@ -23,13 +23,17 @@ from .words import stop_words
 CONCEPT_TEMPLATES = ["a photo of {c}.", "a picture showing {c}.", "an image of {c}.", "{c}"]
 
 
+def bank_path(name: str, root: Path | None = None) -> Path:
+    """A caption bank's file: a path as given, else ../shared/data/captions/NAME.txt.gz."""
+    return Path(name) if Path(name).exists() else Path(root or shared_dir() / "data" / "captions") / f"{name}.txt.gz"
+
+
 def caption_bank(names: Sequence[str] = ("coco", "flickr8k", "cc3m"), root: Path | None = None,
                  limit: int | None = None) -> list[str]:
     """Captions from ../shared/data/captions/NAME.txt.gz (or a plain text file path), one per line, deduplicated."""
-    root = Path(root or shared_dir() / "data" / "captions")
     out, seen = [], set()
     for name in names:
-        path = Path(name) if Path(name).exists() else root / f"{name}.txt.gz"
+        path = bank_path(name, root)
         if not path.exists():
             raise ConceptlensError(f"caption bank {name!r} not found (looked for {path})")
         opener = gzip.open if path.suffix == ".gz" else open
@@ -77,8 +81,7 @@ def default_concepts(classnames: Sequence[str] | None = None, n_words: int = 400
     """Class names, their WordNet hypernyms, and frequent caption words (plus domain/style words); cached on disk
     by its inputs (class names, the caption-bank and WordNet files): building it reads WordNet and 200,000
     captions, seconds that every cbm / diagnose run would pay again."""
-    root = shared_dir() / "data" / "captions"
-    files = [Path(b) if Path(b).exists() else root / f"{b}.txt.gz" for b in banks] + sorted(WORDNET_DIR.glob("*"))
+    files = [bank_path(b) for b in banks] + sorted(WORDNET_DIR.glob("*"))
     return _disk_cached("concepts", ["default-concepts-1", list(classnames or []), n_words, list(banks), _files_key(files)],
                         lambda: _default_concepts(classnames, n_words, banks))
 

@@ -65,7 +65,7 @@ def caption_metrics(candidates: Sequence[str], references: Sequence[Sequence[str
     if any(not refs for refs in references):
         raise ConceptlensError("every item needs at least one reference caption")
     if shutil.which("java") is None:
-        raise ConceptlensError("the COCO caption metrics need Java (Debian: default-jre-headless)")
+        raise ConceptlensError("the COCO caption metrics need Java (`make setup` installs openjdk-17-jre-headless)")
     tok = PTBTokenizer()
     gts = tok.tokenize({i: [{"caption": r} for r in refs] for i, refs in enumerate(references)})
     res = tok.tokenize({i: [{"caption": c}] for i, c in enumerate(candidates)})

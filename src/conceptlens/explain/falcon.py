@@ -37,7 +37,7 @@ from ..data import ImageDataset, images_at
 from ..errors import ConceptlensError
 from ..features import embed
 from ..models import Encoder
-from ..models.captioner import TextDecoder, load_decoder
+from ..models.captioner import DEFAULT_BEAMS, TextDecoder, load_decoder
 
 
 class CaptionBankIndex(CaptionMemory):
@@ -226,7 +226,7 @@ def explain(R: np.ndarray, dataset, keys: Sequence[str], model, vl_model, bank: 
     top_p = sorted(phrases.items(), key=lambda x: -x[1])[:n_phrases]
     coherence = float((crop_emb @ crop_emb.T)[~torch.eye(len(crop_emb), dtype=torch.bool)].mean()) \
         if len(crop_emb) > 1 else 1.0
-    generated = decoder.generate(bank.project(crop_emb.mean(0, keepdim=True)), beams=5)[0] if decoder else None
+    generated = decoder.generate(bank.project(crop_emb.mean(0, keepdim=True)), beams=DEFAULT_BEAMS)[0] if decoder else None
     return {"features": list(features) if features is not None else None, "n_high": int(len(high)),
             "high_keys": [keys[i] for i in high], "low_keys": [keys[i] for i in low], "generated": generated,
             "words": [{"concept": c, "score": s} for c, s in top_w],

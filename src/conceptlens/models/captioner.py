@@ -25,6 +25,7 @@ from ..io import asset_path, file_sha256, read_safetensors_meta, save_safetensor
 PAD, UNK, EOS = "[PAD]", "[UNK]", "[EOS]"
 # Decoders shipped for built-in vision-language models (their text space), like the denoiser's asset.
 SHIPPED = {"builtin:lite-clip": "lite_clip_decoder.safetensors"}
+DEFAULT_BEAMS = 5  # chosen on Imagenette train class means (benchmarks/decode.py records the sweep)
 TIED = "gpt.lm_head.weight"  # GPT-2's output layer is its token embedding: stored once
 DEFAULTS = dict(n_embd=256, n_layer=3, n_head=4, max_tokens=32, prefix_length=1, min_count=5)
 

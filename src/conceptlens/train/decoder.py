@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from ..concepts.decode import DEFAULT_BANKS, CaptionMemory
+from ..concepts.vocab import bank_path
 from ..data import flickr8k_captions
 from ..errors import ConceptlensError
 from ..io import file_sha256, provenance, read_safetensors_meta, shared_dir
@@ -50,10 +51,7 @@ def decoder_data(model, banks: Sequence[str], held_out: Sequence[str]) -> tuple[
     held = flickr8k_captions(root, tuple(held_out)) if held_out and (root / "captions.tsv").exists() else []
     train = full.without(held)
     dev = full.within(flickr8k_captions(root, ("dev",)) if "dev" in held_out and held else [])
-    files = {}
-    for b in banks:
-        p = Path(b) if Path(b).exists() else shared_dir() / "data" / "captions" / f"{b}.txt.gz"
-        files[p.name] = file_sha256(p)
+    files = {p.name: file_sha256(p) for p in map(bank_path, banks)}
     prov = {"banks": list(banks), "bank_sha256": files, "n_captions": len(train.captions),
             "held_out": {"flickr8k_splits": list(held_out) if held else [],
                          "n_captions": len(full.captions) - len(train.captions)}}

@@ -28,7 +28,7 @@ def run_steps(out: Path, start: int, steps: int, step: Callable[[int], tuple[flo
     old = signal.signal(signal.SIGTERM, lambda *a: stop.update(flag=True))
     losses: list[float] = []
     bar = progress(total=steps, initial=start, desc=desc, unit="step")
-    t0, i = time.time(), start
+    t0, i, saved = time.time(), start, start
     running = lambda: float(np.mean(losses[-50:])) if losses else float("nan")  # noqa: E731
     try:
         with open(log, "a", newline="") as lf:
@@ -45,6 +45,7 @@ def run_steps(out: Path, start: int, steps: int, step: Callable[[int], tuple[flo
                 if i % ckpt_every == 0:
                     lf.flush()
                     save(i, running())
+                    saved = i
                 if stop_after is not None and i >= stop_after and i < steps:
                     stop["flag"] = True
     except KeyboardInterrupt:
@@ -52,7 +53,7 @@ def run_steps(out: Path, start: int, steps: int, step: Callable[[int], tuple[flo
     finally:
         bar.close()
         signal.signal(signal.SIGTERM, old)
-    if i > start:  # not after an error: the last periodic checkpoint stays the one to resume from
+    if i > saved:  # not after an error: the last periodic checkpoint stays the one to resume from
         save(i, running())
     if stop["flag"]:
         print(f"stopped at step {i}; checkpoint in {out} (rerun the same command to resume)", file=sys.stderr)
