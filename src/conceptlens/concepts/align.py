@@ -43,12 +43,14 @@ def check_finite(name: str, X) -> None:
             raise ConceptlensError(f"{name} contains NaN or inf values (rows {i}..{min(i + CHUNK, len(X)) - 1})")
 
 
-def _products(x32: np.ndarray, y32: np.ndarray, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
-    """XᵀX and XᵀY of a chunk in float32: numpy BLAS on the CPU, torch on an accelerator (one copy back per chunk)."""
+def _products(xy32: np.ndarray, dx: int, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+    """XᵀX and XᵀY of a chunk given as one float32 array [X | Y]: numpy BLAS on the CPU (two GEMMs: ~10 % faster
+    here than one wider one), torch on an accelerator (one copy back per chunk)."""
     if device.type == "cpu":
-        return x32.T @ x32, x32.T @ y32
-    xt, yt = to_device(torch.from_numpy(x32), device), to_device(torch.from_numpy(y32), device)
-    return (xt.T @ xt).cpu().numpy(), (xt.T @ yt).cpu().numpy()
+        x = xy32[:, :dx]
+        return x.T @ x, x.T @ xy32[:, dx:]
+    t = to_device(torch.from_numpy(xy32), device)
+    return (t[:, :dx].T @ t[:, :dx]).cpu().numpy(), (t[:, :dx].T @ t[:, dx:]).cpu().numpy()
 
 
 class Stats:
@@ -60,16 +62,18 @@ class Stats:
         self.sx, self.sy = np.zeros(dx), np.zeros(dy)
         self.xx, self.xy, self.yy = np.zeros((dx, dx)), np.zeros((dx, dy)), np.zeros(dy)
 
-    def add(self, x: np.ndarray, y: np.ndarray) -> "Stats":
-        """Add a chunk: products in float32 BLAS (2x faster), sums kept in float64."""
-        x32, y32 = np.asarray(x, np.float32), np.asarray(y, np.float32)
-        self.n += len(x)
-        self.sx += x.sum(0, dtype=np.float64)
-        self.sy += y.sum(0, dtype=np.float64)
-        xx, xy = _products(x32, y32, self.device)
+    def add(self, xy32: np.ndarray) -> "Stats":
+        """Add a chunk [X | Y] (float32): products in float32 BLAS (2x faster), sums kept in float64."""
+        dx = len(self.sx)
+        self.n += len(xy32)
+        s = xy32.sum(0, dtype=np.float64)
+        self.sx += s[:dx]
+        self.sy += s[dx:]
+        xx, xy = _products(xy32, dx, self.device)
         self.xx += xx
         self.xy += xy
-        self.yy += (y32.astype(np.float64) ** 2).sum(0)
+        y = xy32[:, dx:]
+        self.yy += (y * y).sum(0, dtype=np.float64)
         return self
 
     def centered(self):
@@ -81,26 +85,19 @@ class Stats:
 
 def _stats(X, Y, rows: np.ndarray, device: torch.device | None = None) -> Stats:
     st = Stats(X.shape[1], Y.shape[1], device)
+    dx = X.shape[1]
+    buf = np.empty((min(CHUNK, len(rows)), dx + Y.shape[1]), np.float32)
     for i in range(0, len(rows), CHUNK):
         r = np.sort(rows[i:i + CHUNK])
-        st.add(np.asarray(X[r], np.float32), np.asarray(Y[r], np.float32))
+        chunk = buf[:len(r)]
+        chunk[:, :dx], chunk[:, dx:] = X[r], Y[r]
+        st.add(chunk)
     return st
 
 
-def _sse(held: Stats, W: np.ndarray, b: np.ndarray, dtype=np.float64) -> np.ndarray:
-    """Per-target-dim sum of squared errors of y ≈ x W + b over the held-out rows, from their statistics
-    (`dtype` float32 for the fast penalty search, float64 for reported metrics)."""
-    n, sx, sy, xx, xy, yy = held.n, held.sx, held.sy, held.xx, held.xy, held.yy
-    xw = sx @ W
-    xxw = (xx.astype(dtype) @ W.astype(dtype)).astype(np.float64)
-    return (yy - 2 * np.einsum("ij,ij->j", W, xy) + np.einsum("ij,ij->j", W, xxw)
-            - 2 * b * sy + 2 * b * xw + n * b * b)
-
-
-def r2_from_sse(sse: np.ndarray, held: Stats) -> float:
-    """Variance-weighted R² = 1 − ΣSSE / ΣSST (the paper's 1 − MSE/Var(y))."""
-    sst = held.yy - held.sy ** 2 / held.n
-    return float(1 - sse.sum() / sst.sum())
+def r2(sse: np.ndarray, sy: np.ndarray, syy: np.ndarray, n: int) -> float:
+    """Variance-weighted R² = 1 − ΣSSE / ΣSST (the paper's 1 − MSE/Var(y)) from per-dim ΣSSE, Σy and Σy²."""
+    return float(1 - np.sum(sse) / np.sum(syy - sy ** 2 / n))
 
 
 class Aligner(BaseEstimator):
@@ -138,9 +135,7 @@ class Aligner(BaseEstimator):
         tr, ho = self.split(len(X))
         self.train_rows_, self.heldout_rows_ = tr, ho
         getattr(self, f"_fit_{self.method}")(X, Y, tr)
-        held = _stats(X, Y, ho, resolve_device(self.device))
-        self.metrics_ = {"r2": r2_from_sse(_sse(held, self.W_.T.astype(np.float64), self.b_.astype(np.float64)), held),
-                         "cosine": self._mean_cosine(X, Y, ho), "n_train": int(len(tr)), "n_heldout": int(len(ho))}
+        self.metrics_ = {**self._evaluate(X, Y, ho), "n_train": int(len(tr)), "n_heldout": int(len(ho))}
         return self
 
     def _fit_ridge(self, X, Y, rows: np.ndarray) -> None:
@@ -150,16 +145,25 @@ class Aligner(BaseEstimator):
         mx, my, xx, xy, _ = st_in.centered()
         scale = np.trace(xx) / X.shape[1] or 1.0
         alphas = [float(a) for a in np.logspace(-6, 2, 9)] if self.alphas is None else list(self.alphas)
-        # one eigendecomposition XcᵀXc = V diag(λ) Vᵀ serves every penalty: W(α) = V diag(1/(λ+α)) Vᵀ XcᵀYc, so
-        # each candidate costs two GEMMs instead of a dense solve (the search only ranks penalties: float32)
+        # one eigendecomposition XcᵀXc = V diag(λ) Vᵀ serves every penalty: W(α) = V Z(α), Z(α) = diag(1/(λ+α)) VᵀXcᵀYc.
+        # The held-out SSE of each candidate, from the validation statistics rotated into that basis once, costs one
+        # GEMM (M Z) instead of a dense solve (the search only ranks penalties: float32).
         lam, V = np.linalg.eigh(xx)
-        V32, Q32 = V.astype(np.float32), (V.T @ xy).astype(np.float32)
-        best = None
+        Vt = V.T.astype(np.float32)
+        Q, H = Vt @ xy.astype(np.float32), Vt @ st_val.xy.astype(np.float32)  # VᵀXcᵀYc, VᵀXᵥᵀYᵥ
+        M = Vt @ st_val.xx.astype(np.float32) @ Vt.T  # VᵀXᵥᵀXᵥV
+        sxV, mxV = st_val.sx @ V, mx @ V
+        best, tol = None, max(lam.max(), 0) * len(lam) * np.finfo(float).eps
         for a in alphas:
-            W = (V32 @ (Q32 / (np.maximum(lam, 0) + a * scale).astype(np.float32)[:, None])).astype(np.float64)
-            r2 = r2_from_sse(_sse(st_val, W, my - mx @ W, np.float32), st_val)
-            if best is None or r2 > best[0]:
-                best = (r2, a)
+            d = np.maximum(lam, 0) + a * scale  # directions with d ≈ 0 (α = 0, rank-deficient X) dropped: pseudo-inverse
+            inv = np.divide(1.0, d, out=np.zeros_like(d), where=d > tol).astype(np.float32)
+            Z = Q * inv[:, None]
+            b = my - mxV @ Z
+            sse = (st_val.yy - 2 * np.einsum("ij,ij->j", Z, H) + np.einsum("ij,ij->j", Z, M @ Z, dtype=np.float64)
+                   - 2 * b * st_val.sy + 2 * b * (sxV @ Z) + st_val.n * b * b)
+            r2_val = r2(sse, st_val.sy, st_val.yy, st_val.n)
+            if best is None or r2_val > best[0]:
+                best = (r2_val, a)
         st_in.n += st_val.n  # refit on all training rows with the chosen penalty
         for k in ("sx", "sy", "xx", "xy", "yy"):
             setattr(st_in, k, getattr(st_in, k) + getattr(st_val, k))
@@ -223,16 +227,20 @@ class Aligner(BaseEstimator):
 
     def score(self, X, Y) -> float:
         """Variance-weighted R² of the map on (X, Y)."""
-        st = _stats(X, Y, np.arange(len(X)), resolve_device(self.device))
-        return r2_from_sse(_sse(st, self.W_.T.astype(np.float64), self.b_.astype(np.float64)), st)
+        return self._evaluate(X, Y, np.arange(len(X)))["r2"]
 
-    def _mean_cosine(self, X, Y, rows: np.ndarray) -> float:
-        tot = 0.0
+    def _evaluate(self, X, Y, rows: np.ndarray) -> dict:
+        """Variance-weighted R² and mean cosine of the map on `rows`, from its predictions in one chunked pass
+        (n·d_s·d_t work instead of the n·d_s² of these rows' statistics)."""
+        sse, sy, syy, cos = 0.0, 0.0, 0.0, 0.0
         for i in range(0, len(rows), CHUNK):
             r = rows[i:i + CHUNK]
             p, y = self.transform(X[r]), np.asarray(Y[r], np.float32)
-            tot += float((np.sum(p * y, 1) / (np.linalg.norm(p, axis=1) * np.linalg.norm(y, axis=1) + 1e-12)).sum())
-        return tot / len(rows)
+            e = y - p
+            sse = sse + (e * e).sum(0, dtype=np.float64)
+            sy, syy = sy + y.sum(0, dtype=np.float64), syy + (y * y).sum(0, dtype=np.float64)
+            cos += float((np.sum(p * y, 1) / (np.linalg.norm(p, axis=1) * np.linalg.norm(y, axis=1) + 1e-12)).sum())
+        return {"r2": r2(sse, sy, syy, len(rows)), "cosine": cos / len(rows)}
 
     def save(self, path: Path, meta: dict) -> Path:
         """W, b and metadata (source/target ids, layer, preprocessing, method, held-out metrics, data fingerprint)."""
