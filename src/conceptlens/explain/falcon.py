@@ -26,7 +26,6 @@ from typing import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-import torchvision.transforms as T
 from PIL import Image
 from scipy import ndimage
 
@@ -38,6 +37,7 @@ from ..errors import ConceptlensError
 from ..features import embed
 from ..models import Encoder
 from ..models.captioner import DEFAULT_BEAMS, TextDecoder, load_decoder
+from ..models.vision import Compose, is_normalize, is_to_tensor, pipeline_steps
 
 
 class CaptionBankIndex(CaptionMemory):
@@ -193,9 +193,8 @@ def heat_overlay(view: Image.Image, cam: np.ndarray, alpha: float = 0.5) -> Imag
 
 def _input_view(model, im: Image.Image) -> Image.Image:
     """The part of the image the model sees (resize + centre crop, without normalisation)."""
-    steps = model.preprocess.transforms if isinstance(model.preprocess, T.Compose) else []
-    geo = [s for s in steps if not isinstance(s, (T.ToTensor, T.Normalize))]
-    return T.Compose(geo)(im) if geo else im
+    geo = [s for s in pipeline_steps(model.preprocess) or [] if not (is_to_tensor(s) or is_normalize(s))]
+    return Compose(geo)(im) if geo else im
 
 
 # ----------------------------------------------------------------------------------------- explanation

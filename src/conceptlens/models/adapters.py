@@ -8,8 +8,6 @@ from __future__ import annotations
 import os
 
 import torch
-from torchvision import models
-from torchvision import transforms as T
 
 from ..errors import ConceptlensError, did_you_mean
 from .base import Encoder, VisionTower
@@ -93,8 +91,10 @@ class HFModel(Encoder):
         self.embed_dim = self.model.config.projection_dim if hasattr(self.model.config, "projection_dim") \
             else self.model.config.text_config.hidden_size
 
-    def _transform(self) -> T.Compose:
-        """The image processor's resize / crop / normalise as a torchvision pipeline."""
+    def _transform(self):
+        """The image processor's resize / crop / normalise as a torchvision pipeline (bicubic)."""
+        from torchvision import transforms as T  # torchvision's import (~2.5 s) only for the models that use it
+
         vc = self.model.config.vision_config
         ip = self.image_processor
         mean = getattr(ip, "image_mean", None) or [0.48145466, 0.4578275, 0.40821073]
@@ -139,6 +139,8 @@ def timm_model(name: str, tag: str | None, layer: str | None) -> VisionTower:
 
 
 def torchvision_model(name: str, tag: str | None, layer: str | None) -> VisionTower:
+    from torchvision import models  # torchvision's import (~2.5 s) only for the models built from it
+
     if name not in models.list_models():
         raise ConceptlensError(f"unknown torchvision model {name!r}{did_you_mean(name, models.list_models())}")
     torch.manual_seed(0)

@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
+from typing import Any, Callable, Sequence
 
+import numpy as np
 import torch
-from torchvision import transforms as T
-from torchvision.models import mobilenet_v2
+from PIL import Image
 
 from ..errors import ConceptlensError
 from .base import VisionTower, require
@@ -16,30 +18,113 @@ LITE_MEAN, LITE_STD = (127 / 255,) * 3, (128 / 255,) * 3
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
-class ResizeCrop(torch.nn.Module):
+# The built-in pipelines below are torchvision's v1 PIL transforms re-stated (pixel- and bit-identical; tested
+# against torchvision): importing torchvision loads torch._dynamo, ~2.5 s of every CLI call of a built-in model.
+
+class Compose:
+    """Apply `transforms` in order (torchvision.transforms.Compose)."""
+
+    def __init__(self, transforms: Sequence[Callable]):
+        self.transforms = list(transforms)
+
+    def __call__(self, x: Any) -> Any:
+        for t in self.transforms:
+            x = t(x)
+        return x
+
+    def __repr__(self) -> str:
+        return "Compose(" + ", ".join(map(repr, self.transforms)) + ")"
+
+
+class ToTensor:
+    """8-bit PIL image -> float CHW tensor in [0, 1] (torchvision.transforms.ToTensor)."""
+
+    def __call__(self, pic: Image.Image) -> torch.Tensor:
+        a = np.array(pic, np.uint8, copy=True)
+        a = a[:, :, None] if a.ndim == 2 else a
+        return torch.from_numpy(a).permute(2, 0, 1).contiguous().to(torch.get_default_dtype()).div(255)
+
+    def __repr__(self) -> str:
+        return "ToTensor()"
+
+
+class Normalize:
+    """(x − mean) / std per channel (torchvision.transforms.Normalize, not in place)."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]):
+        self.mean, self.std = tuple(mean), tuple(std)
+
+    def __call__(self, t: torch.Tensor) -> torch.Tensor:
+        mean = torch.as_tensor(self.mean, dtype=t.dtype, device=t.device).view(-1, 1, 1)
+        std = torch.as_tensor(self.std, dtype=t.dtype, device=t.device).view(-1, 1, 1)
+        return t.clone().sub_(mean).div_(std)
+
+    def __repr__(self) -> str:
+        return f"Normalize(mean={self.mean}, std={self.std})"
+
+
+def resize_short(im: Image.Image, size: int) -> Image.Image:
+    """Short side to `size` (long side truncated, as torchvision computes it), PIL bilinear."""
+    w, h = im.size
+    short, long = (w, h) if w <= h else (h, w)
+    new_short, new_long = size, int(size * long / short)
+    new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
+    return im if (new_w, new_h) == (w, h) else im.resize((new_w, new_h), Image.BILINEAR)
+
+
+def center_crop(im: Image.Image, size: int) -> Image.Image:
+    """Centre `size` x `size` crop, zero-padded first where the image is smaller (torchvision's rounding)."""
+    w, h = im.size
+    if size > w or size > h:
+        pad_l, pad_t = max(size - w, 0) // 2, max(size - h, 0) // 2
+        canvas = Image.new(im.mode, (max(w, size), max(h, size)))
+        canvas.paste(im, (pad_l, pad_t))
+        im, (w, h) = canvas, canvas.size
+        if (w, h) == (size, size):
+            return im
+    top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
+    return im.crop((left, top, left + size, top + size))
+
+
+class ResizeCrop:
     """ImageNet evaluation resize (short side to `resize`, centre crop `size`); images smaller than `size`
     than `small` (thumbnails such as CIFAR's 32 px) are resized whole to `size`, so no content is cropped away
     (+3.8 pt zero-shot on 1,000 CIFAR-10 *train* images with lite-clip)."""
 
     def __init__(self, size: int = 224, resize: int = 256, small: int = 64):
-        super().__init__()
         self.size, self.resize, self.small = size, resize, small
-        self.standard = T.Compose([T.Resize(resize, interpolation=T.InterpolationMode.BILINEAR, antialias=True),
-                                   T.CenterCrop(size)])
 
-    def forward(self, im):
+    def __call__(self, im: Image.Image) -> Image.Image:
         w, h = im.size
         if min(w, h) < self.small:
-            return im.resize((self.size, self.size), resample=2)  # PIL bilinear
-        return self.standard(im)
+            return im.resize((self.size, self.size), resample=Image.BILINEAR)
+        return center_crop(resize_short(im, self.resize), self.size)
 
     def __repr__(self) -> str:
         return f"ResizeCrop(size={self.size}, resize={self.resize}, whole-bilinear-below={self.small})"
 
 
-def imagenet_eval_transform(mean, std, size: int = 224, resize: int = 256) -> T.Compose:
+def imagenet_eval_transform(mean, std, size: int = 224, resize: int = 256) -> Compose:
     """ImageNet evaluation preprocessing (see ResizeCrop), to tensor, normalise."""
-    return T.Compose([ResizeCrop(size, resize), T.ToTensor(), T.Normalize(mean, std)])
+    return Compose([ResizeCrop(size, resize), ToTensor(), Normalize(mean, std)])
+
+
+def pipeline_steps(preprocess: Callable) -> list | None:
+    """The steps of a Compose pipeline (ours, or torchvision's as open_clip builds them), else None."""
+    tv = sys.modules.get("torchvision.transforms")  # a torchvision pipeline means torchvision is loaded already
+    if isinstance(preprocess, Compose) or (tv is not None and isinstance(preprocess, tv.Compose)):
+        return list(preprocess.transforms)
+    return None
+
+
+def is_to_tensor(step: Callable) -> bool:
+    tv = sys.modules.get("torchvision.transforms")
+    return isinstance(step, ToTensor) or (tv is not None and isinstance(step, tv.ToTensor))
+
+
+def is_normalize(step: Callable) -> bool:
+    tv = sys.modules.get("torchvision.transforms")
+    return isinstance(step, Normalize) or (tv is not None and isinstance(step, tv.Normalize))
 
 
 def efficientnet_lite0_module(random: bool = False) -> torch.nn.Module:
@@ -67,6 +152,8 @@ def mobilenetv2_module(random: bool = False) -> torch.nn.Module:
     The file is a plain state dict (loaded with weights_only=True, never unpickled as code); its tensors
     come in the same order and shapes as torchvision's `features`, only the key names differ.
     """
+    from torchvision.models import mobilenet_v2  # torchvision's import (~2.5 s) only for the models built from it
+
     net = mobilenet_v2(weights=None)
     net.classifier = torch.nn.Identity()
     if not random:

@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-import torchvision.transforms as T
 from PIL import Image
 
 from ..data import load_dataset, read_flickr8k
@@ -23,7 +22,7 @@ from ..features import embed, embed_texts
 from ..io import file_sha256, shared_dir
 from ..models.lite_clip import TextHead, conse_parts, save_asset
 from ..models.text import minilm
-from ..models.vision import efficientnet_lite0
+from ..models.vision import Compose, center_crop, efficientnet_lite0
 from ..runtime import resolve_device
 from .contrastive import HeadTrainer
 
@@ -39,7 +38,7 @@ class LowRes:
 
     def __call__(self, im: Image.Image) -> Image.Image:
         s = min(im.size)
-        im = T.functional.center_crop(im, [s, s])
+        im = center_crop(im, s)
         return im.resize((self.size, self.size), Image.BICUBIC)
 
     def __repr__(self) -> str:
@@ -52,7 +51,7 @@ def flickr8k_views(root: Path, low_res: int, show_progress: bool = True, device:
     ds = load_dataset(root / "images")
     hi = embed(tower, ds, show_progress=show_progress, device=device)
     low_tower = efficientnet_lite0()  # its own instance: the feature hook is bound to the tower object
-    low_tower.preprocess = T.Compose([LowRes(low_res)] + list(tower.preprocess.transforms))
+    low_tower.preprocess = Compose([LowRes(low_res)] + list(tower.preprocess.transforms))
     lo = embed(low_tower, ds, show_progress=show_progress, device=device)
     pairs, split = read_flickr8k(root)
     row = {k: i for i, k in enumerate(ds.keys)}
