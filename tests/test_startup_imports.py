@@ -69,3 +69,14 @@ def test_lazy_packages_keep_exported_functions_over_same_named_submodules():
     with pytest.raises(AttributeError):
         import conceptlens.concepts as c
         c.no_such_name  # noqa: B018
+
+
+def test_caption_words_are_kept_so_a_rerun_loads_no_spacy_pipeline(tmp_path):
+    code = ("import sys; from conceptlens.concepts.words import caption_concepts; "
+            "w, p = caption_concepts('two brown dogs are running across the green grass'); "
+            "print(sorted(w), sorted(p), 'spacy' in sys.modules)")
+    env = {**__import__("os").environ, "CONCEPTLENS_CACHE": str(tmp_path)}
+    first = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout
+    second = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout
+    assert first.strip().endswith("True") and "dog" in first and "green grass" in first
+    assert second.strip().endswith("False") and second.rsplit("]", 1)[0] == first.rsplit("]", 1)[0]
