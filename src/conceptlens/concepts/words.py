@@ -4,6 +4,7 @@ the text cache (keyed by this file and the pipeline's version), so a rerun loads
 from __future__ import annotations
 
 import atexit
+import hashlib
 import json
 from functools import lru_cache
 from importlib import metadata
@@ -47,14 +48,17 @@ class _Store:
                 versions = [metadata.version(p) for p in ("spacy", PIPELINE.replace("_", "-"))]
             except metadata.PackageNotFoundError:
                 versions = ["missing"]
-            key = digest([Path(__file__).read_bytes().hex(), versions])
-            self.path = cache_dir("text") / f"caption-words-{key}.json"
+            key = digest([hashlib.blake2b(Path(__file__).read_bytes()).hexdigest(), versions])
+            try:
+                self.path = cache_dir("text") / f"caption-words-{key}.json"
+            except ConceptlensError:  # no writable cache: words are computed as before, just not kept
+                self.path = None
             self.data = self._read()
         return self.data
 
     def _read(self) -> dict:
         try:
-            return json.loads(self.path.read_text())
+            return json.loads(self.path.read_text()) if self.path else {}
         except (OSError, ValueError):
             return {}
 
@@ -68,7 +72,7 @@ class _Store:
 
     def save(self) -> None:
         """Merge this process's new captions into the file (atomic; a lost race loses cache entries only)."""
-        if self.new:
+        if self.new and self.path:
             try:
                 atomic_write_json(self.path, {**self._read(), **self.new})
             except OSError:
