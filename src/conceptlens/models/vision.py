@@ -109,22 +109,24 @@ def imagenet_eval_transform(mean, std, size: int = 224, resize: int = 256) -> Co
     return Compose([ResizeCrop(size, resize), ToTensor(), Normalize(mean, std)])
 
 
+def _is(step: Callable, ours: type, name: str) -> bool:
+    """`step` is our transform or torchvision's of that name (open_clip builds torchvision pipelines; where one
+    exists, torchvision is loaded already, so this never imports it)."""
+    tv = sys.modules.get("torchvision.transforms")
+    return isinstance(step, ours) or (tv is not None and isinstance(step, getattr(tv, name)))
+
+
 def pipeline_steps(preprocess: Callable) -> list | None:
-    """The steps of a Compose pipeline (ours, or torchvision's as open_clip builds them), else None."""
-    tv = sys.modules.get("torchvision.transforms")  # a torchvision pipeline means torchvision is loaded already
-    if isinstance(preprocess, Compose) or (tv is not None and isinstance(preprocess, tv.Compose)):
-        return list(preprocess.transforms)
-    return None
+    """The steps of a Compose pipeline (ours, or torchvision's), else None."""
+    return list(preprocess.transforms) if _is(preprocess, Compose, "Compose") else None
 
 
 def is_to_tensor(step: Callable) -> bool:
-    tv = sys.modules.get("torchvision.transforms")
-    return isinstance(step, ToTensor) or (tv is not None and isinstance(step, tv.ToTensor))
+    return _is(step, ToTensor, "ToTensor")
 
 
 def is_normalize(step: Callable) -> bool:
-    tv = sys.modules.get("torchvision.transforms")
-    return isinstance(step, Normalize) or (tv is not None and isinstance(step, tv.Normalize))
+    return _is(step, Normalize, "Normalize")
 
 
 def efficientnet_lite0_module(random: bool = False) -> torch.nn.Module:
