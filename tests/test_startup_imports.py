@@ -50,6 +50,32 @@ def test_grey_images_convert_like_torchvision():
     assert torch.equal(ToTensor()(im), T.ToTensor()(im))
 
 
+def test_builtin_mobilenetv2_is_torchvisions_architecture():
+    from torchvision.models import mobilenet_v2
+
+    from conceptlens.models.vision import MobileNetV2, mobilenetv2_module
+    torch.manual_seed(3)
+    ref = mobilenet_v2(weights=None)
+    ref.classifier = torch.nn.Identity()
+    torch.manual_seed(3)
+    ours = MobileNetV2()  # seeded random weights: the same initialisation and random-number use
+    a, b = ref.state_dict(), ours.state_dict()
+    assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert [n for n, _ in ref.named_modules()] == [n for n, _ in ours.named_modules()]  # --layer names
+    real = mobilenetv2_module()
+    ref.load_state_dict(real.state_dict())
+    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(ref.eval()(x), real(x))
+
+
+def test_mobilenetv2_loads_without_torchvision():
+    code = ("import sys; from conceptlens.models import load_model; load_model('builtin:mobilenetv2'); "
+            "print('torchvision' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out[-1] == "False"
+
+
 def test_lite_clip_commands_import_neither_torchvision_nor_scikit_learn():
     code = ("import sys; from conceptlens.models import load_model; from conceptlens.features import embed; "
             "from conceptlens.concepts import run_diagnose, concept_matrix; load_model('builtin:lite-clip'); "

