@@ -3,7 +3,8 @@ PY ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.setup-stamp
-APT_PKGS := wordnet-base dataset-fashion-mnist chromium openjdk-17-jre-headless
+APT_PKGS := wordnet-base dataset-fashion-mnist chromium openjdk-17-jre-headless libcairo2
+OPENMOJI := openmoji-17.0.0
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
@@ -23,6 +24,12 @@ $(STAMP): pyproject.toml requirements/dev.txt requirements/nodeps.txt
 	$(BIN)/pip install -q -r requirements/dev.txt
 	$(BIN)/pip install -q -c requirements/dev.txt -e .
 	$(BIN)/pip install -q --no-deps -r requirements/nodeps.txt
+	@# OpenMoji (npm): the style set lite-clip's build learns "line drawing" / "cartoon" from
+	@test -f $(VENV)/share/openmoji/package.json || { rm -rf $(VENV)/share/openmoji.tmp && \
+	  mkdir -p $(VENV)/share/openmoji.tmp && cd $(VENV)/share && npm pack -q $(subst -,@,$(OPENMOJI)) >/dev/null && \
+	  tar xzf $(OPENMOJI).tgz -C openmoji.tmp --strip-components=1 && rm $(OPENMOJI).tgz && \
+	  rm -rf openmoji && mv openmoji.tmp openmoji; } || \
+	  echo "npm openmoji not unpacked: conceptlens build lite-clip needs it (the shipped weights do not)"
 	@touch $(STAMP)
 
 demo: setup

@@ -31,6 +31,25 @@ def test_head_training_is_deterministic_for_a_seed():
     assert not torch.equal(a["residual.weight"], c["residual.weight"])
 
 
+def test_a_head_changed_in_memory_never_hits_its_predecessors_text_cache(tmp_path, monkeypatch):
+    import copy
+
+    from conceptlens.features import embed_texts
+    monkeypatch.setenv("CONCEPTLENS_CACHE", str(tmp_path))
+    m = load_model("builtin:lite-clip")
+    a = embed_texts(m, ["a sketch of a horse."])
+    other = copy.copy(m)  # what benchmarks do to evaluate an ablation or another seed's head
+    other.head = copy.deepcopy(m.head)
+    other.head.mix = "conse"
+    assert other.text_fingerprint != m.text_fingerprint
+    assert torch.allclose(embed_texts(other, ["a sketch of a horse."]), other.encode_text(["a sketch of a horse."]))
+    other.head.mix = "both"
+    with torch.no_grad():
+        other.head.residual.bias.add_(1.0)
+    assert other.text_fingerprint != m.text_fingerprint
+    assert not torch.allclose(embed_texts(other, ["a sketch of a horse."]), a)
+
+
 def test_shipped_weights_carry_their_provenance():
     meta = read_metadata(asset_path())
     assert meta["command"].startswith("conceptlens build lite-clip")

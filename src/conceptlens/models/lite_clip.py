@@ -85,7 +85,15 @@ class LiteCLIP(Encoder):
 
     @property
     def fingerprint(self) -> str:
-        return f"{self.vision.fingerprint}-{self.metadata.get('sha', '')}"
+        """The image tower's, the file's sha and the text head's learned weights and mix (hashed at each call,
+        ~1 ms: a head swapped or retrained in memory, as benchmarks and ablations do, must not hit its
+        predecessor's cached text embeddings; the fixed ConSE buffers are covered by the file's sha)."""
+        h = hashlib.blake2b(self.head.mix.encode(), digest_size=8)
+        for name, v in self.head.state_dict().items():
+            if name.startswith(("residual.", "gate.")):
+                h.update(name.encode())
+                h.update(v.detach().float().cpu().contiguous().numpy().tobytes())
+        return f"{self.vision.fingerprint}-{self.metadata.get('sha', '')}-{h.hexdigest()}"
 
     @property
     def text_fingerprint(self) -> str:
