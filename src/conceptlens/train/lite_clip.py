@@ -28,7 +28,7 @@ from ..models.vision import Compose, center_crop, efficientnet_lite0
 from ..runtime import resolve_device
 from .contrastive import HeadTrainer
 
-HYPER = {"epochs": 40, "batch_size": 256, "lr": 2e-3, "weight_decay": 0.05, "anchor_weight": 1.0,
+HYPER = {"epochs": 30, "batch_size": 256, "lr": 2e-3, "weight_decay": 0.05, "anchor_weight": 1.0,
          "anchor_temperature": 0.05, "low_res": 32, "style": "openmoji"}
 # Captions for the style set, fixed before any result was seen: three phrasings a style, the emoji's annotation as
 # the object ("a sketch of a horse"), so "sketch" / "line drawing" / "cartoon" land where drawings do.
