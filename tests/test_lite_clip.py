@@ -88,8 +88,8 @@ def test_sketch_vs_photo_contrastive_probe_floor():
     t_p = zeroshot.build_classifier(m, ["photo"], [f"a photo of a {t}." for t in things]).squeeze(0)
     x = torch.cat([sketch, photo])
     y = np.r_[np.ones(len(sketch)), np.zeros(len(photo))]
-    # one template a side here (FLOOR_AUROC measured); the 3-template probe on all of PACS: lite_clip.json
-    assert roc_auc_score(y, (x @ t_s - x @ t_p).numpy()) >= 0.65
+    # one template a side here: 1.00 measured (0.73 before OpenMoji style supervision); all of PACS: lite_clip.json
+    assert roc_auc_score(y, (x @ t_s - x @ t_p).numpy()) >= 0.95
 
 
 @pytest.mark.slow
@@ -97,5 +97,5 @@ def test_pacs_sketch_zero_shot_floor():
     m = load_model("builtin:lite-clip")
     f = embed(m, load_dataset(shared("data/pacs/sketch"), limit=210))
     acc = zeroshot.evaluate(m, f, templates="openai")["metrics"]["acc1"]
-    # 210 sketches, 7 classes (chance 0.14); FLOOR_SKETCH measured here, all 600 in lite_clip.json
-    assert acc >= 0.25, acc
+    # 210 sketches, 7 classes (chance 0.14): 0.333 measured (0.25 before style supervision); all 600: lite_clip.json
+    assert acc >= 0.30, acc

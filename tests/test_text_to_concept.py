@@ -45,9 +45,9 @@ def test_photo_vs_sketch_shift_and_search(models):
     both = Features(np.concatenate([photo.X, sketch.X]), np.r_[photo.labels, sketch.labels],
                     [f"p/{k}" for k in photo.keys] + [f"s/{k}" for k in sketch.keys], photo.classnames, [],
                     m.name, "pacs")
-    res = search(m, both, "sketch & horse", k=10)  # sketches of horses, among photos and sketches of 7 things
+    res = search(m, both, "sketch & horse", k=10)  # sketches of horses among photos and sketches: 0.8 measured
     hits = [k.startswith("s/") and photo.classnames[lab] == "horse" for k, lab in zip(res["keys"], res["labels"])]
-    assert len(hits) == 10 and np.mean(hits) >= 0.5, res["keys"]
+    assert len(hits) == 10 and np.mean(hits) >= 0.6, res["keys"]
     res = search(m, both, "horse", k=10)
     hits = [photo.classnames[lab] == "horse" for lab in res["labels"]]
     assert len(hits) == 10 and np.mean(hits) >= 0.8, res["keys"]
