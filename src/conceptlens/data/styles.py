@@ -17,8 +17,8 @@ from ..errors import ConceptlensError
 from ..io import atomic_write_bytes, cache_dir, digest, progress
 
 OPENMOJI_VERSION = "17.0.0"
-# Objects, animals, people, places, food and activities; flags, symbols, skin-tone variants and keycaps carry
-# no drawable object a caption could name.
+# Objects, animals, people, faces, places, food, activities and OpenMoji's own extras; flags, symbols, keycaps and
+# skin-tone variants carry no drawable object a caption could name (or repeat one).
 OPENMOJI_GROUPS = ("activities", "animals-nature", "extras-openmoji", "food-drink", "objects", "people-body",
                    "smileys-emotion", "travel-places")
 STYLES = ("black", "color")
