@@ -33,6 +33,18 @@ def machine() -> dict:
             "threads": torch.get_num_threads(), "device": "cpu", "precision_auto": resolve_precision("auto")}
 
 
+# words that count as "a sketch-like word" in the diagnose rows (lite_clip.py, text_to_concept.py)
+SKETCHY = {"sketch", "drawing", "pencil drawing", "pencil", "black and white", "line art", "doodle", "outline"}
+
+
+def concat(fs: list, name: str):
+    """Several cached feature sets of one model as one (keys prefixed by their dataset), e.g. PACS photo + sketch."""
+    import numpy as np
+    from conceptlens.features import Features
+    return Features(np.concatenate([np.asarray(f.X) for f in fs]), np.concatenate([f.labels for f in fs]),
+                    [f"{f.dataset}/{k}" for f in fs for k in f.keys], fs[0].classnames, [], fs[0].model, name)
+
+
 def save(name: str, obj: dict) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
@@ -41,4 +53,4 @@ def save(name: str, obj: dict) -> Path:
     return path
 
 
-__all__ = ["RESULTS", "machine", "save", "shared_dir", "table_text", "json"]
+__all__ = ["RESULTS", "SKETCHY", "concat", "machine", "save", "shared_dir", "table_text", "json"]

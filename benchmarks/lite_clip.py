@@ -15,13 +15,13 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 
-from common import save, shared_dir, table_text
+from common import SKETCHY, concat, save, shared_dir, table_text
 from conceptlens.concepts import default_concepts, run_diagnose
 from conceptlens.concepts.search import ConceptIndex, search
 from conceptlens.eval import zeroshot
 from conceptlens.eval import retrieval_metrics
 from conceptlens.data import load_dataset
-from conceptlens.features import Features, embed, embed_texts
+from conceptlens.features import embed, embed_texts
 from conceptlens.models import load_model
 from conceptlens.models.text import minilm
 from conceptlens.models.lite_clip import conse_parts
@@ -35,7 +35,6 @@ DOMAIN = {"sketch": ["a sketch of a {}.", "a pencil sketch of the {}.", "a black
           "cartoon": ["a cartoon of a {}.", "a cartoon drawing of the {}.", "an animated {}."],
           "art_painting": ["a painting of a {}.", "an oil painting of the {}.", "an artwork of a {}."]}
 PHOTO = ["a photo of a {}.", "a photograph of the {}.", "a real photo of a {}."]
-SKETCHY = {"sketch", "drawing", "pencil drawing", "pencil", "black and white", "line art", "doodle", "outline"}
 
 
 def text_side(model, prompts: list[str]) -> torch.Tensor:
@@ -69,11 +68,9 @@ def concept_rows(model, feats: dict) -> dict:
     photo, sketch = feats["pacs_photo"], feats["pacs_sketch"]
     names = photo.classnames
     top = [r["concept"] for r in run_diagnose(model, photo, sketch, default_concepts(names))["concepts"][:5]]
-    both = Features(np.concatenate([np.asarray(photo.X), np.asarray(sketch.X)]), np.r_[photo.labels, sketch.labels],
-                    [f"photo/{k}" for k in photo.keys] + [f"sketch/{k}" for k in sketch.keys], names, [],
-                    photo.model, "pacs_photo+sketch")
+    both = concat([photo, sketch], "pacs_photo+sketch")
     r = search(model, both, "sketch & horse", k=20, index=ConceptIndex(both.X))
-    hits = [r["keys"][i].startswith("sketch/") and names[lab] == "horse" for i, lab in enumerate(r["labels"])]
+    hits = [row >= len(photo.labels) and names[lab] == "horse" for row, lab in zip(r["rows"], r["labels"])]
     g = search(model, sketch, "horse & !grass", k=20, index=ConceptIndex(sketch.X))
     return {"diagnose_sketch_top5": top, "diagnose_sketch_word_in_top3": float(bool(SKETCHY & set(top[:3]))),
             "search_sketch_and_horse_precision@20": float(sum(hits)) / 20,

@@ -11,13 +11,13 @@ import time
 import numpy as np
 import torch
 
-from common import save, shared_dir, table_text
+from common import SKETCHY, concat, save, shared_dir, table_text
 from conceptlens.eval import zeroshot
 from conceptlens.concepts.align import Aligner
 from conceptlens.concepts import default_concepts, run_cbm, run_diagnose
 from conceptlens.data import load_dataset
 from conceptlens.concepts.decode import CaptionMemory
-from conceptlens.features import Features, embed
+from conceptlens.features import embed
 from conceptlens.models import load_model
 from conceptlens.concepts.search import ConceptIndex, parse, search
 from conceptlens.data.wordnet import hypernym_words
@@ -25,16 +25,10 @@ from conceptlens.data.wordnet import hypernym_words
 D = shared_dir() / "data"
 EVAL = {"imagenette": D / "imagenette/val", "cifar10": D / "cifar10/test-000000.tar.gz", "pacs_photo": D / "pacs/photo"}
 FIT = [D / "imagenette/train", D / "cifar10/train-00000{0..1}.tar.gz", D / "flickr8k/images"]
-SKETCHY = {"sketch", "drawing", "pencil drawing", "pencil", "black and white", "line art", "doodle", "outline"}
 
 
 def feats(model, path):
     return embed(model, load_dataset(path), show_progress=False)
-
-
-def concat(fs: list[Features], name: str) -> Features:
-    return Features(np.concatenate([np.asarray(f.X) for f in fs]), np.concatenate([f.labels for f in fs]),
-                    [f"{f.dataset}/{k}" for f in fs for k in f.keys], fs[0].classnames, [], fs[0].model, name)
 
 
 def main() -> None:

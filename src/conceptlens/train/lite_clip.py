@@ -51,13 +51,19 @@ class LowRes:
         return f"LowRes({self.size})"
 
 
+def towers(low_res: int):
+    """The locked Lite0 tower at full resolution and a second instance behind `LowRes(low_res)` (its own
+    instance: the feature hook is bound to the tower object)."""
+    tower, low_tower = efficientnet_lite0(), efficientnet_lite0()
+    low_tower.preprocess = Compose([LowRes(low_res)] + list(tower.preprocess.transforms))
+    return tower, low_tower
+
+
 def flickr8k_views(root: Path, low_res: int, show_progress: bool = True, device: str = "cpu"):
     """Cached Lite0 features of every Flickr8k image at full and at low resolution, with pairs and split."""
-    tower = efficientnet_lite0()
+    tower, low_tower = towers(low_res)
     ds = load_dataset(root / "images")
     hi = embed(tower, ds, show_progress=show_progress, device=device)
-    low_tower = efficientnet_lite0()  # its own instance: the feature hook is bound to the tower object
-    low_tower.preprocess = Compose([LowRes(low_res)] + list(tower.preprocess.transforms))
     lo = embed(low_tower, ds, show_progress=show_progress, device=device)
     pairs, split = read_flickr8k(root)
     row = {k: i for i, k in enumerate(ds.keys)}
@@ -74,15 +80,13 @@ def style_views(low_res: int, show_progress: bool = True, device: str = "cpu") -
     root = openmoji_root()
     names = openmoji_annotations(root)
     folders = openmoji_images(root=root, show_progress=show_progress)
-    tower = efficientnet_lite0()
-    low_tower = efficientnet_lite0()
-    low_tower.preprocess = Compose([LowRes(low_res)] + list(tower.preprocess.transforms))
+    tower, low_tower = towers(low_res)
     out: dict = {"hi": {}, "lo": {}}
     keep = None
     for style in STYLES:
         ds = load_dataset(folders[style])
         hexes = [Path(k).stem for k in ds.keys]
-        keep = [h for h in hexes if h in names] if keep is None else keep
+        keep = hexes if keep is None else keep
         if hexes != keep:
             raise ConceptlensError(f"OpenMoji {style} drawings do not match the other style's ({folders[style]})")
         for key, t in (("hi", tower), ("lo", low_tower)):
