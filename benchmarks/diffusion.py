@@ -9,7 +9,9 @@ compares every strategy on the same images. DIFFUSION_N images (default 500); DI
 images with index % k == i (start k processes to use k cores; `DIFFUSION_REPORT=1` only writes the report).
 The denoiser runs under DIFFUSION_PRECISION (default bf16 autocast, 2x faster on a CPU with native bf16; each log
 record names its precision); the first 20 images are also classified with `fixed` in fp32 to show that bf16 does
-not change predictions. DIFFUSION_ONLY=a,b runs only those strategies, on the images adaptive has done.
+not change predictions. DIFFUSION_ONLY=a,b runs only those strategies: on the images adaptive has done, or, when
+adaptive is one of them, on every image. The report gives each strategy over the images it has done and each
+difference to adaptive paired over the images both have.
 Writes benchmarks/results/diffusion.json + a plot.
 """
 from __future__ import annotations
@@ -69,8 +71,8 @@ def run(clfs: dict, x, y, keys, cond: torch.Tensor, sha: str) -> None:
         torch.set_num_threads(1)
     with open(LOG, "a") as f:
         for i in range(SHARD, len(keys), SHARDS):
-            if ONLY and ("adaptive", keys[i]) not in done:  # added strategies join the images the others have
-                continue
+            if ONLY and "adaptive" not in ONLY and ("adaptive", keys[i]) not in done:  # added strategies join
+                continue  # the images the others have
             for name, clf in clfs.items():
                 if (name, keys[i]) in done or (name == "fixed_fp32" and i >= FP32_CHECK) or (ONLY and name not in ONLY):
                     continue
@@ -92,38 +94,55 @@ def paired_bootstrap(a: np.ndarray, b: np.ndarray, n: int = 10_000) -> list[floa
 
 
 def report(clfs: dict, ds, keys, model, tmpl) -> None:
+    """Every strategy over the images it has done (a later run may extend only some strategies to more images);
+    each difference to adaptive is paired over the images both have."""
     done = read_log(model.meta["sha"], keys)
     names = [n for n in clfs if n != "fixed_fp32"]
-    full = [k for k in keys if all((n, k) in done for n in names)]
-    if not full:
-        raise SystemExit("no image has every strategy yet: run the benchmark first")
-    rows, out, correct = [["strategy", "acc1", "evals/image", "s/image"]], [], {}
-    for name in names:
-        rs = [done[(name, k)] for k in full]
-        correct[name] = np.array([r["pred"] == r["label"] for r in rs], dtype=float)
-        out.append({"strategy": name, "acc1": float(correct[name].mean()),
-                    "evals_per_image": float(np.mean([r["evals"] for r in rs])),
-                    "seconds_per_image": float(np.mean([r["seconds"] for r in rs]))})
-        rows.append([name, f"{out[-1]['acc1']:.4f}", f"{out[-1]['evals_per_image']:.0f}",
-                     f"{out[-1]['seconds_per_image']:.2f}"])
+    have = {n: [k for k in keys if (n, k) in done] for n in names}
+    if not have["adaptive"]:
+        raise SystemExit("adaptive has no image yet: run the benchmark first")
     lite = load_model("builtin:lite-clip")
     feats = embed(lite, ds)
     lite_pred = dict(zip(feats.keys, zeroshot.evaluate(lite, feats)["_scores"].argmax(1).tolist()))
-    zs = float(np.mean([lite_pred[k] == done[("fixed", k)]["label"] for k in full]))
-    rows.append(["builtin:lite-clip zero-shot", f"{zs:.4f}", "-", "-"])
-    print(f"{len(full)} images with every strategy")
+    label = {k: done[("adaptive", k)]["label"] for k in have["adaptive"]}
+    rows, out = [["strategy", "images", "acc1", "evals/image", "s/image"]], []
+    for name in names:
+        rs = [done[(name, k)] for k in have[name]]
+        if not rs:
+            continue
+        out.append({"strategy": name, "n_images": len(rs), "acc1": float(np.mean([r["pred"] == r["label"] for r in rs])),
+                    "evals_per_image": float(np.mean([r["evals"] for r in rs])),
+                    "seconds_per_image": float(np.mean([r["seconds"] for r in rs]))})
+        rows.append([name, len(rs), f"{out[-1]['acc1']:.4f}", f"{out[-1]['evals_per_image']:.0f}",
+                     f"{out[-1]['seconds_per_image']:.2f}"])
+    zs = float(np.mean([lite_pred[k] == label[k] for k in have["adaptive"]]))
+    lite_ok = np.array([lite_pred[k] == label[k] for k in have["adaptive"]], dtype=float)
+    ad_ok = np.array([done[("adaptive", k)]["pred"] == label[k] for k in have["adaptive"]], dtype=float)
+    vs_lite = {"n_images": len(ad_ok), "adaptive_minus_lite_clip_acc1": float(ad_ok.mean() - lite_ok.mean()),
+               "ci95": paired_bootstrap(ad_ok, lite_ok)}
+    rows.append(["builtin:lite-clip zero-shot", len(have["adaptive"]), f"{zs:.4f}", "-", "-"])
     print(table_text(rows))
-    ad, gaps = correct["adaptive"], {}
-    for name in ("halving", "halving_tenth"):
-        ha = correct[name]
-        gaps[name] = {"minus_adaptive_acc1": float(ha.mean() - ad.mean()), "ci95": paired_bootstrap(ha, ad),
-                      "evals_ratio": out[names.index(name)]["evals_per_image"] / out[names.index("adaptive")]["evals_per_image"]}
+    gaps, ad_evals = {}, out[[o["strategy"] for o in out].index("adaptive")]["evals_per_image"]
+    for name in names:
+        both = [k for k in have[name] if k in label] if name != "adaptive" else []
+        if not both:
+            continue
+        ha = np.array([done[(name, k)]["pred"] == label[k] for k in both], dtype=float)
+        ad = np.array([done[("adaptive", k)]["pred"] == label[k] for k in both], dtype=float)
+        evals = float(np.mean([done[(name, k)]["evals"] for k in both]))
+        gaps[name] = {"n_images": len(both), "acc1": float(ha.mean()), "adaptive_acc1": float(ad.mean()),
+                      "minus_adaptive_acc1": float(ha.mean() - ad.mean()), "ci95": paired_bootstrap(ha, ad),
+                      "same_prediction": float(np.mean([done[(name, k)]["pred"] == done[("adaptive", k)]["pred"]
+                                                        for k in both])),
+                      "evals_ratio": evals / ad_evals}
         g = gaps[name]
-        print(f"{name} - adaptive: {g['minus_adaptive_acc1']:+.4f} (95% CI {g['ci95'][0]:+.3f}..{g['ci95'][1]:+.3f}), "
-              f"evals ratio {g['evals_ratio']:.3f}")
-    precisions = {n: sorted({done[(n, k)].get("precision", "bf16") for k in full}) for n in names}
-    chk = [k for k in full if ("fixed_fp32", k) in done]
+        print(f"{name} - adaptive on {len(both)} images: {g['minus_adaptive_acc1']:+.4f} "
+              f"(95% CI {g['ci95'][0]:+.3f}..{g['ci95'][1]:+.3f}), evals ratio {g['evals_ratio']:.3f}")
+    precisions = {n: sorted({done[(n, k)].get("precision", "bf16") for k in have[n]}) for n in names}
+    chk = [k for k in have["fixed"] if ("fixed_fp32", k) in done]
     agree = float(np.mean([done[("fixed_fp32", k)]["pred"] == done[("fixed", k)]["pred"] for k in chk])) if chk else None
+    print(f"adaptive - lite-clip on {len(ad_ok)} images: {vs_lite['adaptive_minus_lite_clip_acc1']:+.4f} "
+          f"(95% CI {vs_lite['ci95'][0]:+.3f}..{vs_lite['ci95'][1]:+.3f})")
     print(f"fixed: bf16 vs fp32 same prediction on {len(chk)} images: {agree}")
     import matplotlib
     matplotlib.use("Agg")
@@ -131,21 +150,22 @@ def report(clfs: dict, ds, keys, model, tmpl) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     for o in out:
         ax.scatter(o["evals_per_image"], o["acc1"], s=40)
-        ax.annotate(o["strategy"], (o["evals_per_image"], o["acc1"]), textcoords="offset points", xytext=(5, 5))
+        ax.annotate(f"{o['strategy']} ({o['n_images']})", (o["evals_per_image"], o["acc1"]), textcoords="offset points",
+                    xytext=(5, 5))
     ax.axhline(zs, color="grey", ls="--", label="lite-clip zero-shot")
     ax.axhline(0.1, color="lightgrey", ls=":", label="chance")
     ax.set_xscale("log")
     ax.set_xlabel("denoiser evaluations per image")
     ax.set_ylabel("accuracy")
-    ax.set_title(f"CIFAR-10 test ({len(full)} images), {model.name}")
+    ax.set_title(f"CIFAR-10 test (images per strategy in brackets), {model.name}")
     ax.legend()
     fig.savefig(RESULTS / "diffusion.png", dpi=110, bbox_inches="tight")
     meta = {k: model.meta.get(k) for k in ("step", "final_loss", "command", "sha")}
     save("diffusion", {"model": model.name, "model_meta": meta,
-                       "n_images": len(full), "n_images_planned": N, "images": full, "templates": tmpl,
-                       "precision_by_strategy": precisions, "strategies": out, "lite_clip_acc1": zs,
+                       "n_images": len(have["adaptive"]), "n_images_planned": N, "images": have["adaptive"],
+                       "templates": tmpl, "precision_by_strategy": precisions, "strategies": out, "lite_clip_acc1": zs,
                        "halving_budget": ADAPTIVE_EVALS // 4, "halving_tenth_budget": ADAPTIVE_EVALS // 10,
-                       "vs_adaptive": gaps,
+                       "vs_adaptive": gaps, "adaptive_vs_lite_clip": vs_lite,
                        "bf16_fp32_agreement_fixed": {"n_images": len(chk), "same_prediction": agree}})
 
 

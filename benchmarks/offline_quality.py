@@ -49,7 +49,8 @@ def dig(d, path):
 def diffusion_adaptive(d: dict) -> dict:
     """The adaptive preset's accuracy in diffusion.json, with how many images it was measured on."""
     row = next(r for r in d["strategies"] if r["strategy"] == "adaptive")
-    return {"value": row["acc1"], "n_images": d["n_images"], "n_images_planned": d.get("n_images_planned")}
+    return {"value": row["acc1"], "n_images": row.get("n_images", d["n_images"]),
+            "n_images_planned": d.get("n_images_planned"), "minus_lite_clip": d.get("adaptive_vs_lite_clip")}
 
 
 def main() -> None:
@@ -64,7 +65,7 @@ def main() -> None:
         out_rows.append({"figure": name, "filed": filed, "now": now, "std": std, "runs": runs, "goal": goal,
                          "lower_is_better": lower, "met": bool(met), "source": f"benchmarks/results/{src}.json",
                          "source_sha256": hashlib.sha256(f.read_bytes()).hexdigest()[:16],
-                         **({k: v[k] for k in ("n_images", "n_images_planned") if isinstance(v, dict) and k in v})})
+                         **({k: v[k] for k in ("n_images", "n_images_planned", "minus_lite_clip") if isinstance(v, dict) and k in v})})
         shown = f"{now:.3f}" + (f" ± {std:.3f}" if std is not None else "")
         table.append([name, f"{filed:g}", shown, f"{goal:g}", "yes" if met else "no"])
     lc = json.loads((RESULTS / "lite_clip.json").read_text())

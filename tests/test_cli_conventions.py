@@ -35,6 +35,17 @@ def test_output_dash_is_json_on_stdout_and_messages_on_stderr(image_folder):
     assert not os.path.exists("-")
 
 
+def test_the_console_exit_keeps_codes_and_output_once_torch_is_loaded(image_folder, tmp_path):
+    """`run` leaves by os._exit once torch is imported: the exit code and every line must survive it."""
+    from conftest import two_class_folder
+    other = two_class_folder(tmp_path / "other", ("green", "grey"), (40, 48))
+    r = subprocess.run(CLI + ["linear-probe", "--model", TINY, "--train", str(image_folder), "--test", str(other),
+                              "--precision", "fp32"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and r.stderr.strip().endswith("a probe scores only the classes it was fit on"), r.stderr
+    r = subprocess.run(_probe(image_folder), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.splitlines()[-1].split()[:2] == ["imgs", TINY], r.stdout[-500:]
+
+
 def test_output_dev_stdout_keeps_the_symlink(image_folder, tmp_path):
     assert os.path.islink("/dev/stdout")
     out = tmp_path / "res.json"

@@ -121,3 +121,34 @@ def test_linear_probe_separates_and_follows_recipe():
     assert probe.score(X, y) > 0.95 and probe.weight_decay_ in np.logspace(-6, 2, 97)
     fixed = LinearProbe(weight_decay=1e-4).fit(X, y)
     assert fixed.weight_decay_ == 1e-4
+
+
+@pytest.mark.parametrize("wd", [0.0, 1e-4, 3.0])
+def test_probe_adamw_is_bit_identical_to_torch_adamw(wd):
+    """The probe's own AdamW (it spares importing torch._dynamo) must train exactly what torch.optim.AdamW trains."""
+    import math
+
+    import torch.nn.functional as F
+
+    from conceptlens.eval.probe import cosine_lr
+    rng = np.random.default_rng(1)
+    X = F.normalize(torch.as_tensor(rng.normal(0, 1, (150, 12)), dtype=torch.float32), dim=-1)
+    y = torch.as_tensor(rng.integers(0, 3, 150))
+    ours = LinearProbe(epochs=3, weight_decay=wd)._train(X, y, 3, wd)
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    ref = torch.nn.Linear(12, 3)
+    opt = torch.optim.AdamW(ref.parameters(), lr=0.1, weight_decay=wd)
+    total, step = 3 * math.ceil(150 / 64), 0
+    for _ in range(3):
+        perm = torch.randperm(150, generator=g)
+        for i in range(0, 150, 64):
+            for group in opt.param_groups:
+                group["lr"] = cosine_lr(step, total, 0.1, warmup=0)
+            idx = perm[i:i + 64]
+            loss = F.cross_entropy(ref(X[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            step += 1
+    assert torch.equal(ours.weight, ref.weight) and torch.equal(ours.bias, ref.bias)

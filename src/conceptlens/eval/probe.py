@@ -22,6 +22,34 @@ def cosine_lr(step: int, total: int, base: float, warmup: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup))) * base
 
 
+class AdamW:
+    """torch.optim.AdamW's update for CPU tensors (its single-tensor path, amsgrad off), operation for operation, so
+    the weights are bit-identical (tests/test_eval.py). Own class: constructing any torch optimizer imports
+    torch._dynamo, ~2 s of every CLI call that fits a probe."""
+
+    def __init__(self, params, lr: float, weight_decay: float, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8):
+        self.params, self.lr, self.weight_decay, self.betas, self.eps = list(params), lr, weight_decay, betas, eps
+        self.state = [(torch.zeros_like(p), torch.zeros_like(p)) for p in self.params]
+        self.steps = 0
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """One update from the parameters' gradients, which it then clears (torch's zero_grad(set_to_none=True))."""
+        self.steps += 1
+        (b1, b2), lr = self.betas, self.lr
+        bias_correction1, bias_correction2 = 1 - b1 ** float(self.steps), 1 - b2 ** float(self.steps)
+        for p, (exp_avg, exp_avg_sq) in zip(self.params, self.state):
+            g = p.grad
+            if self.weight_decay != 0:
+                p.mul_(1 - lr * self.weight_decay)
+            exp_avg.lerp_(g, 1 - b1)
+            exp_avg_sq.mul_(b2).addcmul_(g, g, value=1 - b2)
+            denom = (exp_avg_sq.sqrt() / bias_correction2 ** 0.5).add_(self.eps)
+            p.addcdiv_(exp_avg, denom, value=-(lr / bias_correction1))
+            p.grad = None
+
+
 class LinearProbe(ClassifierMixin, BaseEstimator):
     """Logistic regression on L2-normalised cached features, CLIP_benchmark's recipe (metrics/linear_probe.py).
 
@@ -40,18 +68,15 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
         g = torch.Generator().manual_seed(self.seed)
         torch.manual_seed(self.seed)
         lin = torch.nn.Linear(X.shape[1], n_classes)
-        opt = torch.optim.AdamW(lin.parameters(), lr=self.lr, weight_decay=wd)
+        opt = AdamW(lin.parameters(), lr=self.lr, weight_decay=wd)
         steps_per_epoch = math.ceil(len(X) / self.batch_size)
         total, step = self.epochs * steps_per_epoch, 0
         for _ in range(self.epochs):
             perm = torch.randperm(len(X), generator=g)
             for i in range(0, len(X), self.batch_size):
-                for group in opt.param_groups:
-                    group["lr"] = cosine_lr(step, total, self.lr, warmup=0)
+                opt.lr = cosine_lr(step, total, self.lr, warmup=0)
                 idx = perm[i:i + self.batch_size]
-                loss = F.cross_entropy(lin(X[idx]), y[idx])
-                opt.zero_grad()
-                loss.backward()
+                F.cross_entropy(lin(X[idx]), y[idx]).backward()
                 opt.step()
                 step += 1
         return lin
