@@ -53,6 +53,9 @@ def diffusion_adaptive(d: dict) -> dict:
             "n_images_planned": d.get("n_images_planned"), "minus_lite_clip": d.get("adaptive_vs_lite_clip")}
 
 
+EXTRA = ("n_images", "n_images_planned", "minus_lite_clip")  # what the diffusion row carries besides its value
+
+
 def main() -> None:
     out_rows, table = [], [["figure", "filed", "now", "goal", "met"]]
     for name, src, path, filed, goal in ROWS:
@@ -65,7 +68,7 @@ def main() -> None:
         out_rows.append({"figure": name, "filed": filed, "now": now, "std": std, "runs": runs, "goal": goal,
                          "lower_is_better": lower, "met": bool(met), "source": f"benchmarks/results/{src}.json",
                          "source_sha256": hashlib.sha256(f.read_bytes()).hexdigest()[:16],
-                         **({k: v[k] for k in ("n_images", "n_images_planned", "minus_lite_clip") if isinstance(v, dict) and k in v})})
+                         **({k: v[k] for k in EXTRA if isinstance(v, dict) and k in v})})
         shown = f"{now:.3f}" + (f" ± {std:.3f}" if std is not None else "")
         table.append([name, f"{filed:g}", shown, f"{goal:g}", "yes" if met else "no"])
     lc = json.loads((RESULTS / "lite_clip.json").read_text())

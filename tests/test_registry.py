@@ -88,6 +88,39 @@ def test_estimators_clone_and_keep_parameters_unchanged(est):
     assert twin is not est
 
 
+def test_our_estimator_base_behaves_as_scikit_learns():
+    """conceptlens.estimator stands in for sklearn.base (whose import is ~1 s of every cbm call): same parameter
+    names, repr, set_params errors, tags, and scikit-learn's own tools (clone, is_classifier, GridSearchCV) take it."""
+    import sklearn.base as skb
+    from sklearn.model_selection import GridSearchCV
+    from sklearn.utils import get_tags
+    from conceptlens.concepts import ConceptDecomposer
+    for ours in (Aligner(method="procrustes", seed=3), ConceptBottleneck(max_concepts=7, Cs=[0.1, 1.0]),
+                 LinearProbe(lr=0.05), ConceptDecomposer([[1.0, 0.0], [0.0, 1.0]], n_concepts=1)):
+        ref = type("Ref", (skb.BaseEstimator,), {"__init__": type(ours).__init__})(**ours.get_params(deep=False))
+        assert repr(ours).replace(type(ours).__name__, "Ref") == repr(ref)
+        assert ours._get_param_names() == ref._get_param_names()
+        with pytest.raises(ValueError, match="invalid parameter 'bogus'"):
+            ours.set_params(bogus=1)
+    assert skb.is_classifier(ConceptBottleneck()) and skb.is_classifier(LinearProbe()) and not skb.is_classifier(Aligner())
+    assert get_tags(ConceptDecomposer(np.eye(2))).transformer_tags is not None and get_tags(Aligner()).transformer_tags is None
+    rng = np.random.default_rng(0)
+    X, y = rng.normal(size=(60, 6)).astype(np.float32), np.repeat([0, 1, 2], 20)
+    X[np.arange(60), y] += 3
+    grid = GridSearchCV(LinearProbe(epochs=2), {"weight_decay": [1e-4, 1e-2]}, cv=2).fit(X, y)
+    assert grid.best_params_["weight_decay"] in (1e-4, 1e-2) and grid.best_score_ > 0.6
+
+
+def test_cbm_standardises_as_scikit_learns_standard_scaler():
+    from sklearn.preprocessing import StandardScaler
+    from conceptlens.concepts.cbm import standardizer
+    A = np.random.default_rng(0).normal(size=(50, 4)) * [1, 10, 0, 1e-3] + [0, 5, 2, 0]  # a constant column
+    mean, scale = standardizer(A)
+    ref = StandardScaler().fit(A)
+    np.testing.assert_allclose(mean, ref.mean_, rtol=1e-12)
+    np.testing.assert_allclose(scale, ref.scale_, rtol=1e-12)
+
+
 def test_estimators_validate_in_fit_and_return_numpy():
     rng = np.random.default_rng(0)
     X, y = rng.normal(size=(60, 6)).astype(np.float32), np.repeat([0, 1, 2], 20)

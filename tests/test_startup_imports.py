@@ -84,6 +84,16 @@ def test_lite_clip_commands_import_neither_torchvision_nor_scikit_learn():
     assert out == "[]"
 
 
+def test_fitting_a_concept_bottleneck_and_its_probe_baseline_imports_no_scikit_learn():
+    code = ("import sys, numpy as np; from conceptlens.concepts import ConceptBottleneck, run_cbm; "
+            "from conceptlens.eval import LinearProbe; rng = np.random.default_rng(0); "
+            "X, y = rng.normal(size=(60, 6)), np.repeat([0, 1, 2], 20); X[np.arange(60), y] += 3; "
+            "print(ConceptBottleneck(max_concepts=3).fit(X, y).score(X, y), LinearProbe(epochs=2).fit(X, y).score(X, y)); "
+            "print(sorted(m for m in ('torchvision', 'sklearn', 'scipy.stats') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.splitlines()
+    assert out[-1] == "[]" and min(float(v) for v in out[0].split()) > 0.8
+
+
 def test_lazy_packages_keep_exported_functions_over_same_named_submodules():
     import conceptlens.concepts.decode  # noqa: F401  (binds the submodule on the package, as the import system does)
     import conceptlens.eval.metrics  # noqa: F401

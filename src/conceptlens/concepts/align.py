@@ -22,10 +22,10 @@ from typing import Iterable
 import numpy as np
 import torch
 
-from sklearn.base import BaseEstimator
 
 from ..data import ImageDataset, load_dataset
 from ..errors import ConceptlensError
+from ..estimator import BaseEstimator
 from ..eval import zeroshot
 from ..features import embed
 from ..io import digest

@@ -4,11 +4,10 @@ from __future__ import annotations
 from typing import Sequence
 
 import numpy as np
-from sklearn.base import BaseEstimator, ClassifierMixin
-from sklearn.preprocessing import StandardScaler
 
 from ..data import ImageDataset
 from ..errors import ConceptlensError
+from ..estimator import BaseEstimator, ClassifierMixin
 from ..eval.probe import LinearProbe
 from ..features import embed
 from ..models import Encoder, MappedEncoder
@@ -75,6 +74,12 @@ def relaxed_logistic(Z: np.ndarray, Y: np.ndarray, mask: np.ndarray, W: np.ndarr
     return out, bb
 
 
+def standardizer(A: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Column means and standard deviations (constant columns scaled by 1), as scikit-learn's StandardScaler."""
+    mean, std = A.mean(0), A.std(0)
+    return mean, np.where(std < 10 * np.finfo(std.dtype).eps, 1.0, std)
+
+
 def lipschitz(Z: np.ndarray) -> float:
     """Lipschitz constant of the mean softmax loss's gradient: the logit Hessian is <= I/2, so
     L <= ||[Z 1]||_2^2 / (2n)."""
@@ -110,8 +115,8 @@ class ConceptBottleneck(ClassifierMixin, BaseEstimator):
         self.classes_, yi = np.unique(y, return_inverse=True)
         if len(self.classes_) < 2:
             raise ConceptlensError("a concept bottleneck needs at least two classes")
-        self.scaler_ = StandardScaler().fit(A)
-        Z = self.scaler_.transform(A)
+        self.mean_, self.scale_ = standardizer(A)
+        Z = (A - self.mean_) / self.scale_
         Y = np.eye(len(self.classes_))[yi]
         perm = np.random.default_rng(self.seed).permutation(len(Z))
         cut = int(0.8 * len(Z))
@@ -157,7 +162,7 @@ class ConceptBottleneck(ClassifierMixin, BaseEstimator):
         return self
 
     def decision_function(self, A: np.ndarray) -> np.ndarray:
-        return self.scaler_.transform(np.asarray(A, dtype=np.float64)) @ self.coef_.T + self.intercept_
+        return (np.asarray(A, dtype=np.float64) - self.mean_) / self.scale_ @ self.coef_.T + self.intercept_
 
     def predict(self, A: np.ndarray) -> np.ndarray:
         return self.classes_[self.decision_function(A).argmax(1)]

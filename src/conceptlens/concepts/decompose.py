@@ -14,10 +14,10 @@ from __future__ import annotations
 from typing import Sequence
 
 import numpy as np
-from sklearn.base import BaseEstimator, TransformerMixin
 
 from ..data import ImageDataset
 from ..errors import ConceptlensError
+from ..estimator import BaseEstimator, TransformerMixin
 from ..models import Encoder
 from ..features import embed
 from .decode import query_vectors

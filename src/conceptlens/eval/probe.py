@@ -6,10 +6,10 @@ import math
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.base import BaseEstimator, ClassifierMixin
 
 from ..data import ImageDataset
 from ..errors import ConceptlensError
+from ..estimator import BaseEstimator, ClassifierMixin
 from ..features import Features, as_features
 from ..models import Encoder
 from .metrics import metrics, result_json
