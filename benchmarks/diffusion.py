@@ -2,7 +2,9 @@
 
 Strategies on the same images and the same noise: fixed, Li et al.'s adaptive preset (keep 5,1; 50,500; L1),
 Clark & Jaini's t-test pruning, and our successive halving at a quarter and at a tenth of adaptive's evaluations
-(`halving`, `halving_tenth`), each with the paired 95% interval of its difference to adaptive; builtin:lite-clip
+(`halving`, `halving_tenth`), and at a tenth with its timesteps drawn from the window chosen on CIFAR-10 train
+images by diffusion_timesteps.py (`halving_window`; absent until that study has chosen one; each log record
+names its window), each with the paired 95% interval of its difference to adaptive; builtin:lite-clip
 zero-shot on the same images beside them. Images are processed one at a time (all strategies, then the next
 image) and appended to a JSONL log, so an interrupted run resumes where it stopped and a partial run still
 compares every strategy on the same images. DIFFUSION_N images (default 500); DIFFUSION_SHARD=i/k runs the
@@ -42,8 +44,16 @@ ONLY = [s for s in os.environ.get("DIFFUSION_ONLY", "").split(",") if s]  # run 
 os.environ.setdefault("CONCEPTLENS_TEXT_BACKEND", "torch")
 
 
+def chosen_window() -> tuple[float, float] | None:
+    """The t_range diffusion_timesteps.py chose on train images (None before it has)."""
+    path = RESULTS / "diffusion_timesteps.json"
+    chosen = ((json.loads(path.read_text()).get("halving") or {}).get("chosen_t_range")) if path.exists() else None
+    return tuple(chosen) if chosen else None
+
+
 def strategies(model, precision: str = PRECISION) -> dict[str, DiffusionClassifier]:
     kw = dict(precision=precision)
+    window = chosen_window()
     return {
         "fixed": DiffusionClassifier(model, "fixed", loss="l1", n_samples=50, **kw),
         "adaptive": DiffusionClassifier(model, "adaptive", loss=PRE["loss"], to_keep=PRE["to_keep"],
@@ -51,22 +61,27 @@ def strategies(model, precision: str = PRECISION) -> dict[str, DiffusionClassifi
         "ttest": DiffusionClassifier(model, "ttest", loss="l1", **kw),
         "halving": DiffusionClassifier(model, "halving", loss="l1", budget=ADAPTIVE_EVALS // 4, **kw),
         "halving_tenth": DiffusionClassifier(model, "halving", loss="l1", budget=ADAPTIVE_EVALS // 10, **kw),
-    }
+    } | ({"halving_window": DiffusionClassifier(model, "halving", loss="l1", budget=ADAPTIVE_EVALS // 10,
+                                                t_range=window, **kw)} if window else {})
 
 
-def read_log(sha: str, keys: list[str]) -> dict:
+def read_log(sha: str, keys: list[str], clfs: dict) -> dict:
+    """The logged records of this model on these images, for the strategies as configured now (a record of another
+    timestep window is not this strategy's)."""
     done = {}
     if LOG.exists():
         for ln in LOG.read_text().splitlines():
             r = json.loads(ln)
-            if r.get("model_sha") == sha and r["key"] in keys:
+            clf = clfs.get(r["strategy"])
+            if (r.get("model_sha") == sha and r["key"] in keys and clf is not None
+                    and r.get("t_range", [0.0, 1.0]) == list(clf.t_range)):
                 done[(r["strategy"], r["key"])] = r
     return done
 
 
 def run(clfs: dict, x, y, keys, cond: torch.Tensor, sha: str) -> None:
     """Classify this process's shard of images, every strategy per image, appending to the log."""
-    done = read_log(sha, keys)
+    done = read_log(sha, keys, clfs)
     if SHARDS > 1:
         torch.set_num_threads(1)
     with open(LOG, "a") as f:
@@ -79,7 +94,8 @@ def run(clfs: dict, x, y, keys, cond: torch.Tensor, sha: str) -> None:
                 t0 = time.perf_counter()
                 o = clf.classify_one(x[i], cond, image_seed=i)
                 r = {"strategy": name, "key": keys[i], "label": int(y[i]), "pred": o["pred"], "evals": o["evals"],
-                     "seconds": time.perf_counter() - t0, "model_sha": sha, "precision": clf.precision}
+                     "seconds": time.perf_counter() - t0, "model_sha": sha, "precision": clf.precision,
+                     **({"t_range": list(clf.t_range)} if tuple(clf.t_range) != (0.0, 1.0) else {})}
                 f.write(json.dumps(r) + "\n")
                 f.flush()
             print(f"[{SHARD}/{SHARDS}] image {i + 1}/{len(keys)}", flush=True)
@@ -96,7 +112,7 @@ def paired_bootstrap(a: np.ndarray, b: np.ndarray, n: int = 10_000) -> list[floa
 def report(clfs: dict, ds, keys, model, tmpl) -> None:
     """Every strategy over the images it has done (a later run may extend only some strategies to more images);
     each difference to adaptive is paired over the images both have."""
-    done = read_log(model.meta["sha"], keys)
+    done = read_log(model.meta["sha"], keys, clfs)
     names = [n for n in clfs if n != "fixed_fp32"]
     have = {n: [k for k in keys if (n, k) in done] for n in names}
     if not have["adaptive"]:
@@ -165,6 +181,8 @@ def report(clfs: dict, ds, keys, model, tmpl) -> None:
                        "n_images": len(have["adaptive"]), "n_images_planned": N, "images": have["adaptive"],
                        "templates": tmpl, "precision_by_strategy": precisions, "strategies": out, "lite_clip_acc1": zs,
                        "halving_budget": ADAPTIVE_EVALS // 4, "halving_tenth_budget": ADAPTIVE_EVALS // 10,
+                       "halving_window_t_range": list(clfs["halving_window"].t_range) if "halving_window" in clfs else None,
+                       "halving_window_chosen_by": "benchmarks/results/diffusion_timesteps.json (CIFAR-10 train images)",
                        "vs_adaptive": gaps, "adaptive_vs_lite_clip": vs_lite,
                        "bf16_fp32_agreement_fixed": {"n_images": len(chk), "same_prediction": agree}})
 

@@ -184,6 +184,9 @@ CASES = {
     "diffusion strategy unknown": ["diffusion-classify", D, "CIFAR", "--strategy", "magic"],
     "diffusion --n-samples 0": ["diffusion-classify", D, "CIFAR", "--n-samples", "0"],
     "diffusion budget below the classes": ["diffusion-classify", D, "CIFAR", "--budget", "1"],
+    "diffusion --t-range reversed": ["diffusion-classify", D, "CIFAR", "--t-range", "0.9,0.5"],
+    "diffusion --t-range one number": ["diffusion-classify", D, "CIFAR", "--t-range", "0.5"],
+    "diffusion --t-range with adaptive": ["diffusion-classify", D, "CIFAR", "--strategy", "adaptive", "--t-range", "0.5,1"],
     # training configs
     "train clip: config missing": ["train", "clip", "--config", "/nonexistent.toml"],
     "train clip: unparsable TOML": ["train", "clip", "--config", "BAD_TOML"],

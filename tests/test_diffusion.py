@@ -159,3 +159,21 @@ def test_embedded_model_accuracy_floor():
     res = evaluate(clf, ds, show_progress=False)
     assert res["n_images"] == 40 and res["metrics"]["evals_per_image"] == 80
     assert res["metrics"]["acc1"] >= 0.3  # measured 0.50 with the shipped weights (step 6,000); chance is 0.10
+
+
+def test_t_range_draws_timesteps_only_inside_it_and_the_default_is_unchanged(tmp_path):
+    model = tiny_pipeline(tmp_path)
+    T = model.scheduler.config.num_train_timesteps
+    z0 = torch.zeros(1, 4, 8, 8)
+    full, _ = DiffusionClassifier(model, strategy="halving").noise(z0, 64, 3)
+    assert full.tolist() == lowdisc_timesteps(64, T)  # the default range draws exactly what it drew before
+    ts, noise = DiffusionClassifier(model, strategy="halving", t_range=(0.5, 0.875)).noise(z0, 64, 3)
+    lo, hi = round(0.5 * T), round(0.875 * T)
+    assert lo <= int(ts.min()) and int(ts.max()) < hi and len(set(ts.tolist())) > 32  # spread over the window
+    assert torch.equal(noise, DiffusionClassifier(model, strategy="halving").noise(z0, 64, 3)[1])  # same noise draws
+    assert sorted(lowdisc_timesteps(8, 1000, 500, 900)) == [525, 575, 625, 675, 725, 775, 825, 875]
+    for bad in [(0.5, 0.5), (-0.1, 1.0), (0.2, 1.2)]:
+        with pytest.raises(ConceptlensError, match="t_range"):
+            DiffusionClassifier(model, strategy="halving", t_range=bad)
+    with pytest.raises(ConceptlensError, match="adaptive keeps"):
+        DiffusionClassifier(model, strategy="adaptive", t_range=(0.5, 1.0))

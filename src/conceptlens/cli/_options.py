@@ -125,6 +125,12 @@ def nonnegative(text: str) -> float:
     return _typed(text, float, "a number", lambda v: 0 <= v < float("inf"), "must be a finite number >= 0")
 
 
+def fraction_range(text: str) -> tuple[float, float]:
+    """argparse type: LOW,HIGH with 0 <= LOW < HIGH <= 1."""
+    return _typed(text, lambda t: tuple(float(v) for v in t.split(",")), "two numbers LOW,HIGH",
+                  lambda v: len(v) == 2 and 0 <= v[0] < v[1] <= 1, "need 0 <= LOW < HIGH <= 1")
+
+
 def embed_kwargs(a: argparse.Namespace) -> dict:
     return {"batch_size": a.batch_size, "precision": a.precision, "use_cache": not a.no_cache, "strict": a.strict,
             "device": a.device, "backend": a.backend}

@@ -1,8 +1,8 @@
 """`diffusion-classify`: zero-shot classification with a text-conditioned diffusion model."""
 from __future__ import annotations
 
-from ._options import (add_data, add_device, add_outputs, add_precision, add_seed, dataset_of, load_on_device, positive,
-                       table, write_json, write_report)
+from ._options import (add_data, add_device, add_outputs, add_precision, add_seed, dataset_of, fraction_range,
+                       load_on_device, positive, table, write_json, write_report)
 
 
 def register(sub) -> None:
@@ -16,6 +16,8 @@ def register(sub) -> None:
                    help="how denoiser evaluations are spent over the classes (README, Diffusion classifiers)")
     p.add_argument("--budget", type=positive, help="denoiser evaluations per image (halving)")
     p.add_argument("--n-samples", type=positive, default=30, help="samples per class (fixed)")
+    p.add_argument("--t-range", type=fraction_range, default=(0.0, 1.0), metavar="LOW,HIGH",
+                   help="fixed / ttest / halving: draw timesteps from this fraction of [0, T) (e.g. 0.5,1)")
     p.add_argument("--preset", default="cifar10", help="adaptive schedule preset: cifar10 (keep 5,1; 50,500; L1)")
     p.add_argument("--loss", choices=["l1", "l2"], help="error between the denoiser's output and the target "
                    "(default: the strategy's own: l1 for adaptive/halving, l2 otherwise)")
@@ -34,7 +36,8 @@ def classify(a) -> None:
     tmpl = [t.replace("{c}", "{}") for t in load_templates(a.templates)] if a.templates else None
     ds = dataset_of(a, a.data)
     clf = DiffusionClassifier.from_preset(load_on_device(a, a.model), a.strategy, a.preset, a.loss, target=a.target,
-                                          n_samples=a.n_samples, budget=a.budget, precision=a.precision, seed=a.seed)
+                                          n_samples=a.n_samples, budget=a.budget, t_range=a.t_range, precision=a.precision,
+                                          seed=a.seed)
     res = evaluate(clf, ds, tmpl, device=a.device)
     scores = res.pop("_scores")
     m = res["metrics"]

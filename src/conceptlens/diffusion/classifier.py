@@ -42,6 +42,7 @@ class DiffusionClassifier:
     to_keep: list[int] = field(default_factory=lambda: [5, 1])  # adaptive
     stage_samples: list[int] = field(default_factory=lambda: [50, 500])  # adaptive
     budget: int | None = None  # halving: denoiser evaluations per image
+    t_range: tuple[float, float] = (0.0, 1.0)  # fixed / ttest / halving: the fraction of [0, T) timesteps come from
     p_value: float = 2e-3  # ttest
     min_scores: int = 20  # ttest
     max_scores: int = 2000  # ttest
@@ -60,6 +61,11 @@ class DiffusionClassifier:
             raise ConceptlensError("loss is l1|l2 and target eps|x0")
         if self.budget is not None and self.budget < 1 or self.n_samples < 1:
             raise ConceptlensError("budget and n_samples must be positive")
+        lo, hi = self.t_range
+        if not 0 <= lo < hi <= 1:
+            raise ConceptlensError(f"t_range {self.t_range}: need 0 <= low < high <= 1 (fractions of the timesteps)")
+        if self.strategy == "adaptive" and (lo, hi) != (0, 1):
+            raise ConceptlensError("t_range applies to fixed / ttest / halving: adaptive keeps Li et al.'s timesteps")
         if self.device is not None:
             self.model.to(self.device)
         resolve_precision(self.precision, self.model.device)
@@ -91,10 +97,11 @@ class DiffusionClassifier:
         return torch.stack(embs)
 
     def noise(self, z0: torch.Tensor, n: int, image_seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """n low-discrepancy timesteps and n noise draws, a function of (seed, image_seed)."""
+        """n low-discrepancy timesteps in `t_range` and n noise draws, a function of (seed, image_seed)."""
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + image_seed)
         T = self.model.scheduler.config.num_train_timesteps
-        return torch.tensor(lowdisc_timesteps(n, T)), torch.randn((n, *z0.shape[1:]), generator=g)
+        lo, hi = round(self.t_range[0] * T), max(round(self.t_range[0] * T) + 1, round(self.t_range[1] * T))
+        return torch.tensor(lowdisc_timesteps(n, T, lo, hi)), torch.randn((n, *z0.shape[1:]), generator=g)
 
     def evaluate_pairs(self, z0, cond, ts, noise, pairs) -> torch.Tensor:
         """Errors of (class, sample) pairs for one image: what every strategy calls."""
@@ -174,7 +181,8 @@ def evaluate(clf: DiffusionClassifier, dataset: ImageDataset, templates: Sequenc
     m["evals_per_image"] = float(np.mean([o["evals"] for o in out]))
     m["seconds_per_image"] = secs / len(out)
     res = result_json(dataset.name, clf.model.name, "zeroshot_classification", m)
-    res.update({"strategy": clf.strategy, "loss": clf.loss, "target": clf.target, "templates": tmpl,
+    res.update({"strategy": clf.strategy, "loss": clf.loss, "target": clf.target, "t_range": list(clf.t_range),
+                "templates": tmpl,
                 "precision": resolve_precision(clf.precision, dev), "device": str(dev),
                 "n_images": len(out), "n_skipped": len(skipped), "skipped": skipped, "classnames": list(dataset.classnames),
                 "predictions": [{"key": k, "pred": o["pred"], "evals": o["evals"]} for k, o in zip(keys, out)]})

@@ -70,8 +70,8 @@ def pair_errors(model: Denoiser, z0: torch.Tensor, cond: torch.Tensor, ts: torch
     return out
 
 
-def lowdisc_timesteps(n: int, T: int) -> list[int]:
-    """Stratified timesteps in van der Corput order: every prefix is spread evenly over [0, T)."""
+def lowdisc_timesteps(n: int, T: int, lo: int = 0, hi: int | None = None) -> list[int]:
+    """Stratified timesteps in van der Corput order: every prefix is spread evenly over [lo, hi) (default [0, T))."""
     def vdc(i: int) -> float:
         x, denom = 0.0, 1.0
         while i:
@@ -79,7 +79,9 @@ def lowdisc_timesteps(n: int, T: int) -> list[int]:
             i, r = divmod(i, 2)
             x += r / denom
         return x
-    return [min(T - 1, int((vdc(i) + 0.5 / max(n, 1)) * T) % T) for i in range(n)]
+    hi = T if hi is None else hi
+    span = hi - lo
+    return [lo + min(span - 1, int((vdc(i) + 0.5 / max(n, 1)) * span) % span) for i in range(n)]
 
 
 def fixed(clf, z0, cond, C, seed):
