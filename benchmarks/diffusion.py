@@ -163,18 +163,29 @@ def report(clfs: dict, ds, keys, model, tmpl) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for o in out:
-        ax.scatter(o["evals_per_image"], o["acc1"], s=40)
-        ax.annotate(f"{o['strategy']} ({o['n_images']})", (o["evals_per_image"], o["acc1"]), textcoords="offset points",
-                    xytext=(5, 5))
-    ax.axhline(zs, color="grey", ls="--", label="lite-clip zero-shot")
-    ax.axhline(0.1, color="lightgrey", ls=":", label="chance")
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.2), layout="constrained")
+    for j, o in enumerate(out):
+        ax.scatter(o["evals_per_image"], o["acc1"], s=40, color=f"C{j}", label=f"{o['strategy']} ({o['n_images']})")
+    ax.axhline(zs, color="grey", ls="--", label=f"lite-clip zero-shot ({len(ad_ok)})")
     ax.set_xscale("log")
+    ticks = sorted({round(o["evals_per_image"]) for o in out})
+    ax.set_xticks(ticks, [str(t) for t in ticks], fontsize=8)
+    ax.minorticks_off()
     ax.set_xlabel("denoiser evaluations per image")
-    ax.set_ylabel("accuracy")
-    ax.set_title(f"CIFAR-10 test (images per strategy in brackets), {model.name}")
-    ax.legend()
+    ax.set_ylabel("accuracy (chance 0.1)")
+    ax.set_title(f"CIFAR-10 test, {model.name} (images in brackets)", fontsize=10)
+    ax.legend(fontsize=8, loc="lower right")
+    names_g = [n for n in names if n in gaps]
+    ds_ = [gaps[n]["minus_adaptive_acc1"] for n in names_g]
+    err = np.abs(np.array([gaps[n]["ci95"] for n in names_g]).T - ds_)
+    bx.errorbar(ds_, range(len(names_g)), xerr=err, fmt="o", capsize=4)
+    bx.axvline(0, color="grey", lw=0.8)
+    bx.axvspan(-0.01, 0.01, color="C2", alpha=0.12, label="within 1 pt")
+    bx.set_yticks(range(len(names_g)), [f"{n} ({gaps[n]['evals_ratio']:.2f}x evals, {gaps[n]['n_images']} img)"
+                                         for n in names_g], fontsize=8)
+    bx.set_xlabel("accuracy minus adaptive, paired 95% interval")
+    bx.set_title("each strategy against Li et al.'s adaptive on the same images", fontsize=10)
+    bx.legend(fontsize=8)
     fig.savefig(RESULTS / "diffusion.png", dpi=110, bbox_inches="tight")
     meta = {k: model.meta.get(k) for k in ("step", "final_loss", "command", "sha")}
     save("diffusion", {"model": model.name, "model_meta": meta,
