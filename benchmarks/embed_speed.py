@@ -4,16 +4,17 @@
   and 4096^2. `embed` rows: best of three interleaved runs.
 - FLOPs per image of the model (torch.utils.flop_counter, one forward pass; a multiply-add = 2 FLOPs).
 - img/s and fraction of the fp32 roofline for: the naive loop (PIL + eager torch NCHW, batch 64), `embed` with
-  `--backend torch`, `embed` default (auto: ONNX Runtime for fp32 on the CPU), and each runtime alone on one
-  preprocessed batch (no decoding), with each path's feature cosine against torch fp32 and its zero-shot top-1
-  (builtin:lite-clip's head on the same images).
+  `--backend torch`, `embed` default (auto: ONNX Runtime fp32 on the CPU, also where bf16 is native), torch bf16
+  autocast and OpenVINO fp32 / bf16 (`--backend openvino`; bf16 only on a CPU with native bf16), and each runtime
+  alone on one preprocessed batch (no decoding), with each path's feature cosine against torch fp32 and its
+  zero-shot top-1 (builtin:lite-clip's head on the same images) and its change from torch fp32's.
 - int8: ONNX Runtime static quantisation of the exported tower (QDQ, per-channel int8 weights, uint8 activations,
   MinMax calibration on 64 Imagenette *train* images): the runtime alone, its feature cosine and zero-shot top-1.
   A path tried, not a default (it changes the features).
-Not tried here: OpenVINO (not installed).
 """
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 import tempfile
@@ -27,9 +28,9 @@ from PIL import Image
 from common import save, shared_dir, table_text
 from conceptlens.data import load_dataset
 from conceptlens.eval import zeroshot
-from conceptlens.features import embed
+from conceptlens.features import compute_mode, embed
 from conceptlens.models import load_model, onnx
-from conceptlens.runtime import bf16_supported
+from conceptlens.runtime import bf16_supported, resolve_precision
 
 N = 640
 MODEL = "builtin:efficientnet-lite0"
@@ -82,6 +83,9 @@ def model_only(model, files, backend: str) -> float:
     if backend == "onnxruntime":
         path = onnx.export(model, tuple(x.shape[1:]))
         run = lambda: onnx.run(path, x)  # noqa: E731
+    elif backend.startswith("openvino"):
+        path = onnx.export(model, tuple(x.shape[1:]))
+        run = lambda: onnx.run_openvino(path, x, backend.split()[1])  # noqa: E731
     else:
         from conceptlens.features import prepare_for_inference
         prepare_for_inference(model)
@@ -135,12 +139,23 @@ def main() -> dict:
     ceiling = roof32 * 1e9 / fpi  # img/s at the fp32 GEMM roofline
     ref, t_naive = timed(naive, files)
     onnx.export(model, onnx.input_shape(model))  # the one-off export, not timed
+    native_bf16 = bf16_supported()
+    has_ov = importlib.util.find_spec("openvino") is not None
+    extra = {name: kw for name, kw, ok in (
+        ("embed --backend torch --precision bf16 (autocast)", {"backend": "torch", "precision": "bf16"}, native_bf16),
+        ("embed --backend openvino (fp32)", {"backend": "openvino", "precision": "fp32"}, has_ov),
+        ("embed --backend openvino --precision bf16", {"backend": "openvino", "precision": "bf16"}, has_ov and native_bf16),
+    ) if ok}
     t_torch = t_auto = math.inf
+    t_extra, f_extra = {n: math.inf for n in extra}, {}
     for _ in range(3):  # interleaved, best of three (the machine is shared and noisy: ±15 % run to run)
         torch_f, t = timed(embed, model, ds, use_cache=False, show_progress=False, precision="fp32", backend="torch")
         t_torch = min(t_torch, t)
         auto_f, t = timed(embed, model, ds, use_cache=False, show_progress=False)
         t_auto = min(t_auto, t)
+        for name, kw in extra.items():
+            f_extra[name], t = timed(embed, model, ds, use_cache=False, show_progress=False, **kw)
+            t_extra[name] = min(t_extra[name], t)
     with tempfile.TemporaryDirectory() as tmp, mock.patch.dict(os.environ, {"CONCEPTLENS_CACHE": tmp}):
         onnx.export(model, onnx.input_shape(model))  # in the empty cache too, not timed
         _, t_cold = timed(embed, model, ds, show_progress=False)  # an empty feature cache: computed and stored
@@ -154,12 +169,17 @@ def main() -> dict:
         X = torch.from_numpy(np.asarray(X, np.float32))
         cos = torch.nn.functional.cosine_similarity(X, T)
         ips = N / seconds
+        acc = zeroshot.metrics(zeroshot.logits(X, clf), ds.labels)["acc1"]
         return {"path": name, "img_per_s": ips, "roofline_fraction": ips / ceiling, "cosine_min_vs_torch_fp32":
-                cos.min().item(), "zeroshot_acc1": zeroshot.metrics(zeroshot.logits(X, clf), ds.labels)["acc1"]}
+                cos.min().item(), "zeroshot_acc1": acc, "zeroshot_minus_fp32_pt": 100 * (acc - acc_fp32)}
 
+    auto_mode = compute_mode(model, model.device, resolve_precision("auto"), "auto", requested="auto")
+    acc_fp32 = zeroshot.metrics(zeroshot.logits(T, clf), ds.labels)["acc1"]
     rows = [row("naive loop (PIL + eager NCHW)", ref, t_naive), row("embed --backend torch (fp32)", torch_f.X, t_torch),
-            row("embed default (auto = onnxruntime fp32)", auto_f.X, t_auto)]
-    alone = {b: model_only(model, files, b) for b in ("torch", "onnxruntime")}
+            row(f"embed default (auto = {auto_mode})", auto_f.X, t_auto)]
+    rows += [row(name, f_extra[name].X, t_extra[name]) for name in extra]
+    alone = {b: model_only(model, files, b) for b in ("torch", "onnxruntime", "openvino fp32", "openvino bf16")
+             if not b.startswith("openvino") or has_ov and (b.endswith("fp32") or native_bf16)}
     train = shared_dir() / "data/imagenette/train"
     calib = [str(train / k) for k in load_dataset(train, limit=64).keys]
     X8, alone["onnxruntime int8 (static)"] = int8_path(model, files, calib)
@@ -171,10 +191,11 @@ def main() -> dict:
            "cold_cached_s": t_cold, "hit_s": t_hit, "cache_speedup": t_cold / t_hit}
     print(f"GEMM fp32 {roof32:.0f} GFLOP/s, bf16 {roof16:.2f}; {fpi / 1e9:.2f} GFLOP/image -> "
           f"roofline {ceiling:.0f} img/s")
-    print(table_text([["path", "img/s", "of roofline", "cosine min", "zero-shot acc1"]] +
+    print(table_text([["path", "img/s", "of roofline", "cosine min", "zero-shot acc1", "vs fp32 (pt)"]] +
                      [[r["path"], f"{r['img_per_s']:.1f}", f"{r['roofline_fraction']:.0%}",
-                       f"{r['cosine_min_vs_torch_fp32']:.5f}", f"{r['zeroshot_acc1']:.4f}"] for r in rows] +
-                     [[f"model alone: {b}", f"{v:.1f}", f"{v / ceiling:.0%}", "", ""] for b, v in alone.items()]))
+                       f"{r['cosine_min_vs_torch_fp32']:.5f}", f"{r['zeroshot_acc1']:.4f}",
+                       f"{r['zeroshot_minus_fp32_pt']:+.2f}"] for r in rows] +
+                     [[f"model alone: {b}", f"{v:.1f}", f"{v / ceiling:.0%}", "", "", ""] for b, v in alone.items()]))
     save("embed_speed", res)
     return res
 

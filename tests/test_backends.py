@@ -69,3 +69,37 @@ def test_minilm_on_onnxruntime_matches_sentence_transformers_and_is_cached_apart
     assert text_cache_key(enc, texts) != key_torch
     lite = load_model("builtin:lite-clip")
     assert lite.text_fingerprint.endswith("-onnxruntime")
+
+
+def test_auto_precision_embeds_with_onnxruntime_fp32_before_bf16_autocast(model):
+    cpu = model.device
+    assert compute_mode(model, cpu, "bf16", "auto", requested="auto") == "fp32/onnxruntime"  # a native-bf16 CPU
+    assert compute_mode(model, cpu, "bf16", "auto", requested="bf16") == "bf16"  # asked for bf16: torch autocast
+    assert compute_mode(model, cpu, "bf16", "torch", requested="auto") == "bf16"
+
+
+def test_openvino_runs_the_exported_tower_in_fp32_and_bf16_and_is_cached_apart(model, image_folder):
+    pytest.importorskip("openvino")
+    from conceptlens.runtime import bf16_supported
+    ds = load_dataset(image_folder)
+    t = embed(model, ds, backend="torch", precision="fp32", show_progress=False)
+    o = embed(model, ds, backend="openvino", precision="fp32", show_progress=False)
+    A, B = np.asarray(t.X), np.asarray(o.X)
+    cos = (A * B).sum(1) / np.linalg.norm(A, axis=1) / np.linalg.norm(B, axis=1)
+    assert cos.min() > 0.99999 and not o.cache_hit and o.path != t.path
+    assert compute_mode(model, model.device, "fp32", "openvino") == "fp32/openvino"
+    if bf16_supported():  # elsewhere OpenVINO would quietly run f32: bf16 is measured only where it is native
+        b = np.asarray(embed(model, ds, backend="openvino", precision="bf16", show_progress=False).X)
+        cos = (A * b).sum(1) / np.linalg.norm(A, axis=1) / np.linalg.norm(b, axis=1)
+        assert 0.97 < cos.min() and cos.min() < 0.99999  # bf16 arithmetic: close, not equal
+    with pytest.raises(ConceptlensError, match="openvino runs on the CPU in fp32 or bf16"):
+        resolve_backend("openvino", "cpu", "fp16")
+
+
+def test_openvino_bf16_is_refused_where_the_cpu_has_no_native_bf16(monkeypatch):
+    pytest.importorskip("openvino")
+    from conceptlens import runtime
+    monkeypatch.setattr(runtime, "bf16_supported", lambda: False)
+    with pytest.raises(ConceptlensError, match="needs a CPU with native bf16"):
+        resolve_backend("openvino", "cpu", "bf16")
+    assert resolve_backend("openvino", "cpu", "fp32") == "openvino"

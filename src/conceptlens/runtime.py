@@ -4,9 +4,13 @@
 device that is not there is a one-line error. `--precision auto` is bf16 autocast on CPUs with native bf16
 kernels (AVX512-BF16 / AMX), bf16 on CUDA GPUs that support it (fp16 on older ones), fp32 elsewhere.
 
-`--backend auto|torch|onnxruntime` (image embedding): `auto` is ONNX Runtime for fp32 on the CPU when the
-package is installed and the model exports (conceptlens.models.onnx), torch elsewhere. The backend is part of
-the feature-cache key and of every result's precision field ("fp32/onnxruntime"); torch entries keep their keys.
+`--backend auto|torch|onnxruntime|openvino` (image embedding): `auto` is ONNX Runtime for fp32 on the CPU when
+the package is installed and the model exports (conceptlens.models.onnx), torch elsewhere; with `--precision auto`
+it comes first on CPUs with native bf16 too (fp32's features, and faster there than bf16 autocast). `openvino` runs the
+same exported tower through OpenVINO on the CPU, in fp32 or, with `--precision bf16`, in bf16 (~1.7x ONNX Runtime's
+speed on a CPU with native bf16; features change, cosine ~0.99: benchmarks/results/embed_speed.json), never
+chosen by `auto`. The backend is part of the feature-cache key and of every result's precision field
+("fp32/onnxruntime", "bf16/openvino"); torch entries keep their keys.
 
 Cache policy: features are keyed by device *type* as well as precision, because a GPU agrees with the CPU
 to tolerance (cosine > 0.999), not bit for bit. All CPU paths (local and every Ray CPU worker) share one
@@ -24,7 +28,7 @@ import torch
 from .errors import ConceptlensError
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-BACKENDS = ("auto", "torch", "onnxruntime")
+BACKENDS = ("auto", "torch", "onnxruntime", "openvino")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -99,8 +103,8 @@ def resolve_precision(precision: str, device: torch.device | str | None = None) 
 
 
 def resolve_backend(backend: str, device: torch.device | str | None, precision: str) -> str:
-    """torch | onnxruntime for image embedding at a resolved `precision` on `device` (see the module docstring;
-    whether the model exports is checked where it is exported)."""
+    """torch | onnxruntime | openvino for image embedding at a resolved `precision` on `device` (see the module
+    docstring; whether the model exports is checked where it is exported)."""
     import importlib.util
     if backend not in BACKENDS:
         raise ConceptlensError(f"unknown backend {backend!r}: use {', '.join(BACKENDS)}")
@@ -113,6 +117,15 @@ def resolve_backend(backend: str, device: torch.device | str | None, precision: 
                                "or --backend torch")
     if backend == "onnxruntime" and not have:
         raise ConceptlensError("--backend onnxruntime needs the PyPI package 'onnxruntime': pip install onnxruntime")
+    if backend == "openvino":
+        if resolve_device(device).type != "cpu" or precision not in ("fp32", "bf16"):
+            raise ConceptlensError("--backend openvino runs on the CPU in fp32 or bf16: use --device cpu and "
+                                   "--precision fp32|bf16, or another backend")
+        if importlib.util.find_spec("openvino") is None:
+            raise ConceptlensError("--backend openvino needs the PyPI package 'openvino': pip install openvino")
+        if precision == "bf16" and not bf16_supported():  # OpenVINO would run f32 and the label would lie
+            raise ConceptlensError("--backend openvino --precision bf16 needs a CPU with native bf16 (AVX512-BF16 / "
+                                   "AMX); this one has none: use --precision fp32")
     return backend
 
 

@@ -72,9 +72,10 @@ def add_embed_opts(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=positive, help="images per batch (default: 64 on the CPU, 256 on a GPU)")
     p.add_argument("--num-workers", type=positive, help="image decoding threads (default: 2 on the CPU, up to 16 on a GPU)")
     add_precision(p)
-    p.add_argument("--backend", default="auto", choices=["auto", "torch", "onnxruntime"],
+    p.add_argument("--backend", default="auto", choices=["auto", "torch", "onnxruntime", "openvino"],
                    help="image-embedding runtime: auto = ONNX Runtime for fp32 on the CPU where the model exports "
-                        "(same features, 2-4x faster), else torch")
+                        "(same features, 2-4x faster), else torch; openvino: fp32, or bf16 with --precision bf16 "
+                        "(faster on CPUs with native bf16; features change slightly)")
     p.add_argument("--no-cache", action="store_true", help="do not read or write the feature cache")
     p.add_argument("--strict", action="store_true", help="unreadable images are an error instead of skipped")
 

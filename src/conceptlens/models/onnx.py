@@ -3,7 +3,8 @@
 The image tower is exported once per (model, weights, layer, input size, torch and onnxruntime versions) with
 torch's TorchScript-based exporter into the cache (`cache_dir("onnx")`), then run by ONNX Runtime's CPU provider,
 whose fused fp32 kernels run EfficientNet-Lite0 2-4x faster than eager torch here at the same features (cosine
-1.0000; benchmarks/results/embed_speed.json). A model that does not export is remembered (`.unsupported`) and
+1.0000; benchmarks/results/embed_speed.json). OpenVINO reads the same file (`--backend openvino`): fp32, or bf16
+where the CPU has native bf16 kernels. A model that does not export is remembered (`.unsupported`) and
 embedded by torch. Sessions live in this process (never pickled): Ray workers open the exported file themselves.
 """
 from __future__ import annotations
@@ -20,7 +21,7 @@ from ..io import atomic_write_bytes, cache_dir, digest
 from .base import Encoder
 
 OPSET = 17
-_SESSIONS: dict[tuple[str, int], object] = {}
+_SESSIONS: dict[tuple, object] = {}
 
 
 def _stem(model: Encoder, shape: tuple[int, ...]) -> str:
@@ -100,6 +101,26 @@ def run(path: str, x: torch.Tensor) -> torch.Tensor:
     """Features [B, D] of a preprocessed batch through the exported tower at `path`."""
     arr = np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)  # NCHW, whatever x's memory format
     return torch.from_numpy(run_inputs(path, {"x": arr}))
+
+
+def openvino_request(path: str, precision: str, threads: int | None = None):
+    """An OpenVINO CPU infer request for an exported tower at `precision` (fp32 | bf16), one per (file, precision,
+    threads) in this process."""
+    import openvino as ov
+    threads = threads or torch.get_num_threads()
+    key = (path, precision, threads)
+    if key not in _SESSIONS:
+        hint = {"fp32": "f32", "bf16": "bf16"}[precision]
+        compiled = ov.Core().compile_model(path, "CPU", {"INFERENCE_PRECISION_HINT": hint,
+                                                         "INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"})
+        _SESSIONS[key] = compiled.create_infer_request()
+    return _SESSIONS[key]
+
+
+def run_openvino(path: str, x: torch.Tensor, precision: str) -> torch.Tensor:
+    """Features [B, D] of a preprocessed batch through the exported tower at `path`, run by OpenVINO."""
+    arr = np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)
+    return torch.from_numpy(openvino_request(path, precision).infer({0: arr})[0].copy())
 
 
 def run_inputs(path: str, feeds: dict[str, np.ndarray]) -> np.ndarray:
