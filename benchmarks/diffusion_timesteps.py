@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from common import RESULTS, save, shared_dir, table_text
+from diffusion import ADAPTIVE_EVALS, paired_bootstrap
 from conceptlens.data import load_dataset
 from conceptlens.diffusion.classifier import DiffusionClassifier, default_templates, image_tensors
 from conceptlens.io import cache_dir
@@ -35,7 +36,7 @@ PHASE = os.environ.get("DEV_PHASE", "both")
 PRECISION = os.environ.get("DIFFUSION_PRECISION", "bf16")
 BINS = 8
 DEV, DEV2 = "data/cifar10/train-000000.tar.gz", "data/cifar10/train-000001.tar.gz"
-BUDGET = (10 * 50 + 5 * 450) // 10  # a tenth of adaptive's evaluations (diffusion.py)
+BUDGET = ADAPTIVE_EVALS // 10  # a tenth of adaptive's evaluations, as diffusion.py's halving_tenth
 WINDOWS = [(0.0, 1.0), (0.125, 1.0), (0.25, 1.0), (0.5, 1.0), (0.375, 0.875), (0.5, 0.875)]
 os.environ.setdefault("CONCEPTLENS_TEXT_BACKEND", "torch")  # the denoiser was conditioned on sentence-transformers' MiniLM
 
@@ -68,6 +69,8 @@ def run(model, phase: str) -> None:
     base = DiffusionClassifier(model, "fixed", loss="l1", precision=PRECISION)
     cond = base.prompt_embeddings(ds.classnames, default_templates(model))
     C = len(cond)
+    windowed = {w: DiffusionClassifier(model, "halving", loss="l1", budget=BUDGET, t_range=w, precision=PRECISION)
+                for w in (WINDOWS if phase == "halving" else [])}
     with open(path, "a") as f:
         for i in range(SHARD, len(keys), SHARDS):
             if phase == "matrix" and (keys[i], ()) not in done:
@@ -75,10 +78,9 @@ def run(model, phase: str) -> None:
                 ts, noise = base.noise(z0, S, image_seed=10_000 + i)  # seeds apart from the test images' 0..9,999
                 e = base.evaluate_pairs(z0, cond, ts, noise, [(c, s) for c in range(C) for s in range(S)]).view(C, S)
                 f.write(json.dumps({"key": keys[i], "label": int(y[i]), "t": ts.tolist(), "errors": e.tolist()}) + "\n")
-            for w in WINDOWS if phase == "halving" else []:
+            for w, clf in windowed.items():
                 if (keys[i], w) in done:
                     continue
-                clf = DiffusionClassifier(model, "halving", loss="l1", budget=BUDGET, t_range=w, precision=PRECISION)
                 o = clf.classify_one(x[i], cond, image_seed=20_000 + i)
                 f.write(json.dumps({"key": keys[i], "label": int(y[i]), "t_range": list(w), "pred": o["pred"],
                                     "evals": o["evals"]}) + "\n")
@@ -108,7 +110,6 @@ def matrix_report(rows: list[dict], T: int) -> dict:
 
 
 def halving_report(rows: list[dict]) -> dict:
-    from diffusion import paired_bootstrap
     by = {}
     for r in rows:
         by.setdefault(tuple(r["t_range"]), {})[r["key"]] = r

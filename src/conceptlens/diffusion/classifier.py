@@ -100,7 +100,8 @@ class DiffusionClassifier:
         """n low-discrepancy timesteps in `t_range` and n noise draws, a function of (seed, image_seed)."""
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + image_seed)
         T = self.model.scheduler.config.num_train_timesteps
-        lo, hi = round(self.t_range[0] * T), max(round(self.t_range[0] * T) + 1, round(self.t_range[1] * T))
+        lo = round(self.t_range[0] * T)
+        hi = max(lo + 1, round(self.t_range[1] * T))
         return torch.tensor(lowdisc_timesteps(n, T, lo, hi)), torch.randn((n, *z0.shape[1:]), generator=g)
 
     def evaluate_pairs(self, z0, cond, ts, noise, pairs) -> torch.Tensor:

@@ -97,10 +97,14 @@ def session(path: str, threads: int | None = None):
     return _SESSIONS[key]
 
 
+def _as_input(x: torch.Tensor) -> np.ndarray:
+    """A preprocessed batch as the exported graph's input: contiguous float32 NCHW, whatever x's memory format."""
+    return np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)
+
+
 def run(path: str, x: torch.Tensor) -> torch.Tensor:
     """Features [B, D] of a preprocessed batch through the exported tower at `path`."""
-    arr = np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)  # NCHW, whatever x's memory format
-    return torch.from_numpy(run_inputs(path, {"x": arr}))
+    return torch.from_numpy(run_inputs(path, {"x": _as_input(x)}))
 
 
 def openvino_request(path: str, precision: str, threads: int | None = None):
@@ -119,8 +123,7 @@ def openvino_request(path: str, precision: str, threads: int | None = None):
 
 def run_openvino(path: str, x: torch.Tensor, precision: str) -> torch.Tensor:
     """Features [B, D] of a preprocessed batch through the exported tower at `path`, run by OpenVINO."""
-    arr = np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)
-    return torch.from_numpy(openvino_request(path, precision).infer({0: arr})[0].copy())
+    return torch.from_numpy(openvino_request(path, precision).infer({0: _as_input(x)})[0].copy())
 
 
 def run_inputs(path: str, feeds: dict[str, np.ndarray]) -> np.ndarray:
