@@ -4,11 +4,10 @@
   and 4096^2. `embed` rows: best of three interleaved runs.
 - FLOPs per image of the model (torch.utils.flop_counter, one forward pass; a multiply-add = 2 FLOPs).
 - img/s and fraction of the fp32 roofline for: the naive loop (PIL + eager torch NCHW, batch 64), `embed` with
-  `--backend torch`, `embed` default (auto: ONNX Runtime for fp32 on the CPU; torch bf16 autocast where the CPU has
-  native bf16), `embed --precision fp32` (ONNX Runtime) where that differs from the default, OpenVINO fp32 / bf16
-  (`--backend openvino`; bf16 only on a CPU with native bf16), and each runtime alone on one preprocessed batch
-  (no decoding), with each path's feature cosine against torch fp32, its zero-shot top-1 (builtin:lite-clip's head
-  on the same images) and that top-1's change from torch fp32's.
+  `--backend torch`, `embed` default (auto: ONNX Runtime fp32 on the CPU, also where bf16 is native), torch bf16
+  autocast and OpenVINO fp32 / bf16 (`--backend openvino`; bf16 only on a CPU with native bf16), and each runtime
+  alone on one preprocessed batch (no decoding), with each path's feature cosine against torch fp32 and its
+  zero-shot top-1 (builtin:lite-clip's head on the same images) and its change from torch fp32's.
 - int8: ONNX Runtime static quantisation of the exported tower (QDQ, per-channel int8 weights, uint8 activations,
   MinMax calibration on 64 Imagenette *train* images): the runtime alone, its feature cosine and zero-shot top-1.
   A path tried, not a default (it changes the features).
@@ -143,7 +142,7 @@ def main() -> dict:
     native_bf16 = bf16_supported()
     has_ov = importlib.util.find_spec("openvino") is not None
     extra = {name: kw for name, kw, ok in (
-        ("embed --precision fp32 (= fp32/onnxruntime)", {"precision": "fp32"}, native_bf16),  # auto is bf16 there
+        ("embed --backend torch --precision bf16 (autocast)", {"backend": "torch", "precision": "bf16"}, native_bf16),
         ("embed --backend openvino (fp32)", {"backend": "openvino", "precision": "fp32"}, has_ov),
         ("embed --backend openvino --precision bf16", {"backend": "openvino", "precision": "bf16"}, has_ov and native_bf16),
     ) if ok}
@@ -174,7 +173,7 @@ def main() -> dict:
         return {"path": name, "img_per_s": ips, "roofline_fraction": ips / ceiling, "cosine_min_vs_torch_fp32":
                 cos.min().item(), "zeroshot_acc1": acc, "zeroshot_minus_fp32_pt": 100 * (acc - acc_fp32)}
 
-    auto_mode = compute_mode(model, model.device, resolve_precision("auto"), "auto")
+    auto_mode = compute_mode(model, model.device, resolve_precision("auto"), "auto", requested="auto")
     acc_fp32 = zeroshot.metrics(zeroshot.logits(T, clf), ds.labels)["acc1"]
     rows = [row("naive loop (PIL + eager NCHW)", ref, t_naive), row("embed --backend torch (fp32)", torch_f.X, t_torch),
             row(f"embed default (auto = {auto_mode})", auto_f.X, t_auto)]

@@ -71,6 +71,13 @@ def test_minilm_on_onnxruntime_matches_sentence_transformers_and_is_cached_apart
     assert lite.text_fingerprint.endswith("-onnxruntime")
 
 
+def test_auto_precision_embeds_with_onnxruntime_fp32_before_bf16_autocast(model):
+    cpu = model.device
+    assert compute_mode(model, cpu, "bf16", "auto", requested="auto") == "fp32/onnxruntime"  # a native-bf16 CPU
+    assert compute_mode(model, cpu, "bf16", "auto", requested="bf16") == "bf16"  # asked for bf16: torch autocast
+    assert compute_mode(model, cpu, "bf16", "torch", requested="auto") == "bf16"
+
+
 def test_openvino_runs_the_exported_tower_in_fp32_and_bf16_and_is_cached_apart(model, image_folder):
     pytest.importorskip("openvino")
     from conceptlens.runtime import bf16_supported

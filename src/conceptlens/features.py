@@ -267,10 +267,16 @@ def prepare_for_inference(model: Encoder) -> None:
         mod.to(memory_format=torch.channels_last)
 
 
-def compute_mode(model: Encoder, device: torch.device, precision: str, backend: str = "auto") -> str:
+def compute_mode(model: Encoder, device: torch.device, precision: str, backend: str = "auto",
+                 requested: str | None = None) -> str:
     """How `embed` computes on `device` at a resolved precision: "fp32", "bf16", ... for torch, "fp32/onnxruntime"
     for ONNX Runtime, "fp32/openvino" / "bf16/openvino" for OpenVINO (the tower exported on first use). The mode is
-    part of the cache key, the store's metadata and results."""
+    part of the cache key, the store's metadata and results. Under `--precision auto --backend auto` on a CPU
+    with native bf16 (`requested` "auto", `precision` resolved to bf16), ONNX Runtime fp32 comes first where the
+    model exports: fp32's features, and faster than bf16 autocast (embed_speed.json)."""
+    if requested == "auto" and backend == "auto" and precision == "bf16" and device.type == "cpu":
+        if (mode := compute_mode(model, device, "fp32", backend)) != "fp32":
+            return mode
     runtime = resolve_backend(backend, device, precision)
     if runtime in ("onnxruntime", "openvino"):
         from .models import onnx
@@ -301,11 +307,11 @@ def embed(model: Encoder, dataset: ImageDataset, batch_size: int | None = None, 
     dev = engine.resolve_device(device) if device is not None else model.device
     if not engine.is_ray:
         model.to(dev)
-    precision = resolve_precision(precision, dev)
+    requested, precision = precision, resolve_precision(precision, dev)
     batch_size = batch_size or default_batch_size(dev, 64)
     if dataset.precomputed and (stored := _stored(model, dataset, precision)) is not None:
         return stored
-    precision = compute_mode(model, dev, precision, backend)
+    precision = compute_mode(model, dev, precision, backend, requested)
     key = cache_key(model, dataset, precision, dev)
     n, dim = len(dataset), model.embed_dim
     if not use_cache:  # a private temp dir: two --no-cache runs never share (or delete) each other's

@@ -5,7 +5,8 @@ device that is not there is a one-line error. `--precision auto` is bf16 autocas
 kernels (AVX512-BF16 / AMX), bf16 on CUDA GPUs that support it (fp16 on older ones), fp32 elsewhere.
 
 `--backend auto|torch|onnxruntime|openvino` (image embedding): `auto` is ONNX Runtime for fp32 on the CPU when
-the package is installed and the model exports (conceptlens.models.onnx), torch elsewhere. `openvino` runs the
+the package is installed and the model exports (conceptlens.models.onnx), torch elsewhere; with `--precision auto`
+it comes first on CPUs with native bf16 too (fp32's features, and faster there than bf16 autocast). `openvino` runs the
 same exported tower through OpenVINO on the CPU, in fp32 or, with `--precision bf16`, in bf16 (~1.7x ONNX Runtime's
 speed on a CPU with native bf16; features change, cosine ~0.99: benchmarks/results/embed_speed.json), never
 chosen by `auto`. The backend is part of the feature-cache key and of every result's precision field
