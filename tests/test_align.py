@@ -86,6 +86,8 @@ def test_penalty_search_ranks_like_dense_solves_on_the_validation_split():
            for a in alphas]
     assert len(set(np.round(r2s, 3))) > 1  # the candidates differ, so the choice means something
     assert al.alpha_ == pytest.approx(alphas[int(np.argmax(r2s))] * scale)
+    assert np.allclose([al.search_r2_[a] for a in alphas], r2s, atol=1e-4), (al.search_r2_, r2s)
+
 
 def test_bad_input_is_a_clear_error():
     X, Y, _, _ = synthetic(n=100)
