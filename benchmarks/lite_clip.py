@@ -113,7 +113,7 @@ def main() -> None:
     base = load_model("builtin:lite-clip")
     root = shared_dir()
     feats = {name: embed(base, load_dataset(root / rel)) for name, rel in ZS.items()}
-    # the test images as a user embeds them (--precision auto), not as the recipe does (FEATURE_PRECISION)
+    # the test images as a user embeds them (--precision auto), not as the recipe does (recipe_precision)
     ds, hi, lo, pairs, split, row = flickr8k_views(root / "data" / "flickr8k", HYPER["low_res"], precision="auto")
     te_img, te_caps, te_owner = split_pairs(pairs, split, row, "test")
     flickr = (hi[te_img], te_caps, te_owner)

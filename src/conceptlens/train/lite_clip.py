@@ -25,14 +25,11 @@ from ..io import file_sha256, shared_dir
 from ..models.lite_clip import TextHead, conse_parts, save_asset
 from ..models.text import minilm
 from ..models.vision import Compose, center_crop, efficientnet_lite0
-from ..runtime import resolve_device
+from ..runtime import resolve_device, resolve_precision
 from .contrastive import HeadTrainer
 
 HYPER = {"epochs": 30, "batch_size": 256, "lr": 2e-3, "weight_decay": 0.05, "anchor_weight": 1.0,
          "anchor_temperature": 0.05, "low_res": 32, "style": "openmoji"}
-# The recipe's tower features: bf16 autocast, as the shipped weights were built (`--precision auto` then meant bf16 on
-# this CPU). Bit-identical rebuilds need a CPU with native bf16; elsewhere torch emulates it (slower, not identical).
-FEATURE_PRECISION = "bf16"
 # Captions for the style set, fixed before any result was seen: three phrasings a style, the emoji's annotation as
 # the object ("a sketch of a horse"), so "sketch" / "line drawing" / "cartoon" land where drawings do.
 STYLE_CAPTIONS = {"black": ["a black and white line drawing of a {}.", "a sketch of a {}.", "a simple pencil drawing of a {}."],
@@ -62,9 +59,18 @@ def towers(low_res: int):
     return tower, low_tower
 
 
+def recipe_precision(device: str = "cpu") -> str:
+    """The precision the recipe embeds its images in: torch autocast at `--precision auto`'s resolution (bf16 on
+    CPUs with native bf16 and on GPUs, fp32 elsewhere), as the shipped weights were built; not the faster ONNX
+    Runtime fp32 path that `embed` now prefers on such CPUs, so the rebuild stays bit-identical there."""
+    return resolve_precision("auto", resolve_device(device))
+
+
 def flickr8k_views(root: Path, low_res: int, show_progress: bool = True, device: str = "cpu",
-                   precision: str = FEATURE_PRECISION):
-    """Cached Lite0 features of every Flickr8k image at full and at low resolution, with pairs and split."""
+                   precision: str | None = None):
+    """Cached Lite0 features of every Flickr8k image at full and at low resolution, with pairs and split
+    (in `precision`; default the recipe's)."""
+    precision = precision or recipe_precision(device)
     tower, low_tower = towers(low_res)
     ds = load_dataset(root / "images")
     hi = embed(tower, ds, show_progress=show_progress, device=device, precision=precision)
@@ -95,7 +101,7 @@ def style_views(low_res: int, show_progress: bool = True, device: str = "cpu") -
             raise ConceptlensError(f"OpenMoji {style} drawings do not match the other style's ({folders[style]})")
         for key, t in (("hi", tower), ("lo", low_tower)):
             out[key][style] = torch.from_numpy(np.array(embed(t, ds, show_progress=show_progress, device=device,
-                                                          precision=FEATURE_PRECISION).X))
+                                                          precision=recipe_precision(device)).X))
     perm = np.random.default_rng(0).permutation(len(keep))
     out["dev"], out["train"] = np.sort(perm[:len(keep) // 5]), np.sort(perm[len(keep) // 5:])
     out["names"] = [names[h] for h in keep]
