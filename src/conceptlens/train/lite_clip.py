@@ -60,9 +60,9 @@ def towers(low_res: int):
 
 
 def recipe_precision(device: str = "cpu") -> str:
-    """The precision the recipe embeds its images in: torch autocast at `--precision auto`'s resolution (bf16 on
-    CPUs with native bf16 and on GPUs, fp32 elsewhere), as the shipped weights were built; not the faster ONNX
-    Runtime fp32 path that `embed` now prefers on such CPUs, so the rebuild stays bit-identical there."""
+    """The precision the recipe embeds its images in: `--precision auto`'s resolution (bf16 autocast on CPUs with
+    native bf16 and on GPUs, fp32 elsewhere), as the shipped weights were built. Named explicitly, so `embed` does
+    not swap bf16 for the ONNX Runtime fp32 path it prefers on such CPUs: the rebuild stays bit-identical."""
     return resolve_precision("auto", resolve_device(device))
 
 
