@@ -11,7 +11,7 @@ from conceptlens.features import embed
 from conceptlens.models import load_model
 from conceptlens.io import read_safetensors_meta as read_metadata
 from conceptlens.models.lite_clip import asset_path
-from conceptlens.train.lite_clip import HYPER, train_head
+from conceptlens.train.lite_clip import HYPER, recipe_precision, train_head
 from conftest import shared
 
 
@@ -29,6 +29,21 @@ def test_head_training_is_deterministic_for_a_seed():
     c = train_head(tensors, meta, views, text, owner, hp, seed=2).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not torch.equal(a["residual.weight"], c["residual.weight"])
+
+
+def test_the_recipe_embeds_as_the_shipped_weights_were_built_not_as_auto_now_does():
+    """`--precision auto` prefers ONNX Runtime fp32 on native-bf16 CPUs; the recipe keeps bf16 autocast there (the
+    shipped weights' features), so `build lite-clip` stays bit-identical."""
+    from conceptlens.features import compute_mode
+    from conceptlens.models.vision import efficientnet_lite0
+    from conceptlens.runtime import bf16_supported
+    tower, cpu = efficientnet_lite0(), torch.device("cpu")
+    p = recipe_precision("cpu")
+    if bf16_supported():
+        assert p == "bf16" and compute_mode(tower, cpu, p, "auto", requested=p) == "bf16"  # torch autocast
+        assert compute_mode(tower, cpu, "bf16", "auto", requested="auto") == "fp32/onnxruntime"  # what a user gets
+    else:
+        assert p == "fp32"
 
 
 def test_a_head_changed_in_memory_never_hits_its_predecessors_text_cache(tmp_path, monkeypatch):
