@@ -74,9 +74,10 @@ class Stats:
         return self
 
     def __iadd__(self, other: "Stats") -> "Stats":
+        """Pool another row set's statistics into these (in place)."""
         self.n += other.n
         for k in ("sx", "sy", "xx", "xy", "yy"):
-            getattr(self, k).__iadd__(getattr(other, k))
+            setattr(self, k, getattr(self, k) + getattr(other, k))
         return self
 
     def centered(self):

@@ -91,6 +91,7 @@ def style_views(low_res: int, show_progress: bool = True, device: str = "cpu") -
     names = openmoji_annotations(root)
     folders = openmoji_images(root=root, show_progress=show_progress)
     tower, low_tower = towers(low_res)
+    precision = recipe_precision(device)
     out: dict = {"hi": {}, "lo": {}}
     keep = None
     for style in STYLES:
@@ -101,7 +102,7 @@ def style_views(low_res: int, show_progress: bool = True, device: str = "cpu") -
             raise ConceptlensError(f"OpenMoji {style} drawings do not match the other style's ({folders[style]})")
         for key, t in (("hi", tower), ("lo", low_tower)):
             out[key][style] = torch.from_numpy(np.array(embed(t, ds, show_progress=show_progress, device=device,
-                                                          precision=recipe_precision(device)).X))
+                                                          precision=precision).X))
     perm = np.random.default_rng(0).permutation(len(keep))
     out["dev"], out["train"] = np.sort(perm[:len(keep) // 5]), np.sort(perm[len(keep) // 5:])
     out["names"] = [names[h] for h in keep]
