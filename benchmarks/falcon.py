@@ -74,7 +74,7 @@ def main() -> None:
     cf = embed(model, c_ds)
     t0 = time.perf_counter()
     explain(np.asarray(cf.X), c_ds, cf.keys, model, vl, bank, direction=np.ones(cf.X.shape[1]), top_n=20,
-            use_gradcam=False)
+            view="whole")
     out["seconds_one_target_10k_images"] = time.perf_counter() - t0
     print(table_text(rows))
     print(f"known-direction hit rate: {out['known_direction_hit_rate']:.3f} (target 0.70); "

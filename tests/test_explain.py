@@ -8,7 +8,7 @@ import torch
 from conceptlens.cli import main
 from conceptlens.errors import ConceptlensError
 from conceptlens.explain import (CaptionBankIndex, caption_concepts, concept_scores, contrast, find_groups,
-                                 high_images, target_values)
+                                 high_images, ranked, run_falcon, target_values)
 
 
 def test_caption_concepts_are_lemmatised_content_words_and_phrases():
@@ -29,6 +29,14 @@ def test_contrastive_step_removes_a_spurious_shared_concept():
     assert "grass" not in w2 and "dog" in w2 and "grass" in removed
 
 
+def test_equal_scores_rank_alphabetically_and_removals_are_sorted():
+    # one caption carries several concepts, so ties are common; their order must not follow string hashing
+    assert ranked({"state": 0.6, "carp": 0.6, "pond": 0.1, "common": 0.6}, 3) == [("carp", 0.6), ("common", 0.6),
+                                                                                 ("state", 0.6)]
+    _, _, removed = contrast({"zebra": 1.0, "ant": 1.0}, {}, {"zebra": 0.5, "ant": 0.5}, {}, drop=0.1)
+    assert removed == ["ant", "zebra"]
+
+
 def test_thresholds_groups_and_bad_input():
     rng = np.random.default_rng(0)
     R = np.abs(rng.normal(size=(200, 16))) * 0.1
@@ -47,6 +55,8 @@ def test_thresholds_groups_and_bad_input():
         high_images(R, target_values(R, [0]), k=50)
     with pytest.raises(ConceptlensError, match="empty"):
         CaptionBankIndex([], torch.zeros(0, 4)).top_captions(torch.ones(1, 4))
+    with pytest.raises(ConceptlensError, match="unknown view 'zoom'"):
+        run_falcon(None, None, None, features=[3], view="zoom")
 
 
 def test_explain_cli(tmp_path, image_folder, capsys):
@@ -73,7 +83,7 @@ def test_transfer_explains_another_space_through_an_aligner(tmp_path, image_fold
     assert main(["align", "--source", "builtin:efficientnet-lite0", "--target", "builtin:mobilenetv2",
                  "--data", str(image_folder), "--out", str(al)]) == 0
     rc = main(["explain", "--model", "builtin:mobilenetv2", "--data", str(image_folder), "--features", "7",
-               "--transfer", str(al), "--top-n", "3", "--captions", str(bank), "--report", str(tmp_path / "r")])
+               "--transfer", str(al), "--top-n", "3", "--view", "crop", "--captions", str(bank), "--report", str(tmp_path / "r")])
     assert rc == 0 and "via b_to_a.safetensors (held-out R2" in capsys.readouterr().out
     assert main(["explain", "--model", "builtin:efficientnet-lite0", "--data", str(image_folder), "--features", "7",
                  "--transfer", str(al), "--captions", str(bank)]) == 2

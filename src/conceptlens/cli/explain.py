@@ -18,7 +18,9 @@ def register(sub) -> None:
     p.add_argument("--captions", default="coco,flickr8k,cc3m", help="caption banks (names or files)")
     p.add_argument("--threshold-std", type=float, default=5.0, help="high activation: above mean + this many std")
     p.add_argument("--top-n", type=positive, help="use the top-n images instead of the threshold")
-    p.add_argument("--no-gradcam", action="store_true", help="whole images instead of Grad-CAM crops")
+    p.add_argument("--view", default="context", choices=["context", "crop", "whole"],
+                   help="what is captioned: Grad-CAM crop with its whole image as context (default), the crop alone "
+                        "(the FALCON reference), or the whole image")
     p.add_argument("--transfer", help="aligner B->M: explain --features of space B through its map into --model's space")
     p.add_argument("--generate", action="store_true", help="also write a sentence per explanation (DeCap text decoder)")
     p.add_argument("--decoder", help="text decoder file (default: the one shipped for --vl-model's text tower)")
@@ -40,7 +42,7 @@ def explain(a) -> None:
     model, vl = model_of(a), load_on_device(a, a.vl_model)
     res = run_falcon(model, ds, vl, features=features, directions=directions, top_groups=a.top_groups,
                      transfer=a.transfer, banks=a.captions.split(","), k=a.threshold_std, top_n=a.top_n,
-                     use_gradcam=not a.no_gradcam, embed_kw=embed_kwargs(a), generate=a.generate, decoder=a.decoder)
+                     view=a.view, embed_kw=embed_kwargs(a), generate=a.generate, decoder=a.decoder)
     if a.top_groups and len(res) < a.top_groups:
         print(f"{len(res)} groups, not {a.top_groups}: the features form only {len(res)} groups with highly "
               "activating images")
