@@ -25,7 +25,9 @@ def affine(X, W: np.ndarray, b: np.ndarray) -> np.ndarray:
     X = np.asarray(X, dtype=np.float32)
     if X.shape[-1] != W.shape[1]:
         raise ConceptlensError(f"aligner expects {W.shape[1]}-d source features, got {X.shape[-1]}-d")
-    return X @ W.T + b
+    out = X @ W.T
+    out += b  # in place: no second [n, d_t] array
+    return out
 
 
 class LinearMap:
