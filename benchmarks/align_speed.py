@@ -1,9 +1,9 @@
 """Alignment fit time and held-out R², side by side in one run on the same cached features:
 builtin:mobilenetv2 -> builtin:lite-clip on 50,000 images: Imagenette train + CIFAR-10 train (10,000) + Flickr8k
-(19,091 images, the text-to-concept fit sets) + the first 30,909 Fashion-MNIST train images (the Debian package;
-rows to reach 50,000, as the speed issue asks). The time split of one ridge fit (statistics passes, penalty
-search: eigendecomposition and the rest, final solve, held-out metrics) comes from cProfile.
-Writes benchmarks/results/align_speed.json.
++ OpenMoji in both styles (22,741 images, the text-to-concept fit sets) + the first 27,259 Fashion-MNIST train
+images (the Debian package; rows to reach 50,000, as the speed issue asks). The time split of one ridge fit
+(statistics passes, penalty search: eigendecomposition and the rest, final solve, held-out metrics) comes from
+cProfile. Writes benchmarks/results/align_speed.json.
 """
 from __future__ import annotations
 

@@ -1,7 +1,9 @@
 """Text-to-concept on real models: builtin:mobilenetv2 aligned into builtin:lite-clip.
 
-One general aligner is fitted (label-free) on Imagenette train + CIFAR-10 train (10,000) + Flickr8k images,
-none of them evaluation images; it is then used for zero-shot, CBM, shift diagnosis, search and decoding.
+One general aligner is fitted (label-free) on Imagenette train + CIFAR-10 train (10,000) + Flickr8k images + OpenMoji
+in both styles (line art and colour cartoons, the lite-clip recipe's style set: a map fitted on photos alone never sees
+the photo -> drawing direction it is asked to carry), none of them evaluation images; it is then used for zero-shot,
+CBM, shift diagnosis, search and decoding.
 Per-dataset fits with a held-out split are reported beside it. Writes benchmarks/results/text_to_concept.json.
 """
 from __future__ import annotations
@@ -16,6 +18,7 @@ from conceptlens.eval import zeroshot
 from conceptlens.concepts.align import Aligner
 from conceptlens.concepts import default_concepts, run_cbm, run_diagnose
 from conceptlens.data import load_dataset
+from conceptlens.data.styles import openmoji_images
 from conceptlens.concepts.decode import CaptionMemory
 from conceptlens.features import embed
 from conceptlens.models import load_model
@@ -24,7 +27,8 @@ from conceptlens.data.wordnet import hypernym_words
 
 D = shared_dir() / "data"
 EVAL = {"imagenette": D / "imagenette/val", "cifar10": D / "cifar10/test-000000.tar.gz", "pacs_photo": D / "pacs/photo"}
-FIT = [D / "imagenette/train", D / "cifar10/train-00000{0..1}.tar.gz", D / "flickr8k/images"]
+FIT = [D / "imagenette/train", D / "cifar10/train-00000{0..1}.tar.gz", D / "flickr8k/images",
+       *openmoji_images(show_progress=False).values()]
 
 
 def feats(model, path):
