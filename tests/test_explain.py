@@ -87,3 +87,32 @@ def test_transfer_explains_another_space_through_an_aligner(tmp_path, image_fold
     assert rc == 0 and "via b_to_a.safetensors (held-out R2" in capsys.readouterr().out
     assert main(["explain", "--model", "builtin:efficientnet-lite0", "--data", str(image_folder), "--features", "7",
                  "--transfer", str(al), "--captions", str(bank)]) == 2
+
+
+@pytest.mark.slow
+def test_known_directions_floor_on_a_cifar10_subset():
+    """Floor for benchmarks/falcon.py (CIFAR-10 test: 5 of 10 with the default context view): probe directions of
+    mobilenetv2 (3,000 train images) explained over 2,000 test images, a class word in the top 3 (4 measured)."""
+    import sys
+    from pathlib import Path
+
+    from sklearn.linear_model import LogisticRegression
+
+    from conftest import shared
+    from conceptlens.data import load_dataset
+    from conceptlens.explain import explain, normalised
+    from conceptlens.features import embed
+    from conceptlens.models import load_model
+    shared("data/cifar10")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from falcon import D, accepted_words
+    model, vl = load_model("builtin:mobilenetv2"), load_model("builtin:lite-clip")
+    bank = CaptionBankIndex.build(vl)
+    tr = embed(model, load_dataset(D / "cifar10/train-000000.tar.gz", limit=3000), show_progress=False)
+    te_ds = load_dataset(D / "cifar10/test-000000.tar.gz", limit=2000)
+    te = embed(model, te_ds, show_progress=False)
+    probe = LogisticRegression(C=1.0, max_iter=3000).fit(normalised(tr.X), tr.labels)
+    top3 = {name: [w["concept"] for w in explain(np.asarray(te.X), te_ds, te.keys, model, vl, bank,
+                                                   direction=probe.coef_[c], top_n=20)["words"][:3]]
+            for c, name in enumerate(te.classnames)}
+    assert sum(bool(set(w) & accepted_words(n)) for n, w in top3.items()) >= 3, top3
