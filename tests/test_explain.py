@@ -65,9 +65,10 @@ def test_explain_cli(tmp_path, image_folder, capsys):
     rc = main(["explain", "--model", "builtin:mobilenetv2", "--data", str(image_folder), "--features", "3,5",
                "--top-n", "4", "--captions", str(bank), "--generate", "--report", str(tmp_path / "rep")])
     assert rc == 0 and (tmp_path / "rep" / "index.html").exists()
-    assert "generated description" in (tmp_path / "rep" / "index.html").read_text()
+    html = (tmp_path / "rep" / "index.html").read_text()
+    assert "generated description" in html and "each Grad-CAM crop with its whole image as context" in html
     res = json.loads((tmp_path / "rep" / "explanations.json").read_text())["explanations"]
-    assert len(res) == 1 and res[0]["features"] == [3, 5] and res[0]["n_high"] == 4
+    assert len(res) == 1 and res[0]["features"] == [3, 5] and res[0]["n_high"] == 4 and res[0]["view"] == "context"
     assert res[0]["generated"] and "generated: " in capsys.readouterr().out  # the shipped lite-clip decoder wrote it
     bank_words = {"red", "square", "table", "blue", "sky", "bright", "wall", "deep", "sea"}
     assert res[0]["words"] and {w["concept"] for w in res[0]["words"]} <= bank_words

@@ -249,7 +249,7 @@ def explain(R: np.ndarray, dataset, keys: Sequence[str], model, vl_model, bank: 
     coherence = float((crop_emb @ crop_emb.T)[~torch.eye(len(crop_emb), dtype=torch.bool)].mean()) \
         if len(crop_emb) > 1 else 1.0
     generated = decoder.generate(bank.project(view_emb.mean(0, keepdim=True)), beams=DEFAULT_BEAMS)[0] if decoder else None
-    return {"features": list(features) if features is not None else None, "n_high": int(len(high)),
+    return {"features": list(features) if features is not None else None, "view": view, "n_high": int(len(high)),
             "high_keys": [keys[i] for i in high], "low_keys": [keys[i] for i in low], "generated": generated,
             "words": [{"concept": c, "score": s} for c, s in top_w],
             "phrases": [{"concept": c, "score": s} for c, s in top_p],

@@ -198,6 +198,10 @@ def decompose_report(res: dict, report: Path, shown: int = 12) -> Path:
     return _write(report, f"Concept decompositions — {res['model']}", sections, "decompose", res)
 
 
+VIEW_TEXT = {"context": "each Grad-CAM crop with its whole image as context", "crop": "the Grad-CAM crops alone",
+             "whole": "the whole images"}
+
+
 def explain_report(results: list[dict], data: ImageDataset, model_name: str, vl_name: str, report: Path,
                    provenance: dict | None = None) -> Path:
     """Per explanation: word and phrase scores (two charts), the Grad-CAM crops of the highly activating images,
@@ -206,10 +210,11 @@ def explain_report(results: list[dict], data: ImageDataset, model_name: str, vl_
     sections = []
     for res in results:
         crops, overlays = res.pop("_crops", []), res.pop("_overlays", [])
-        name = res["name"]
+        name, seen = res["name"], VIEW_TEXT.get(res.get("view"), "the crops")
         sections.append({"title": f"{name}: {', '.join(w['concept'] for w in res['words'][:5])}",
                          "text": "removed by the contrastive step: " + (", ".join(res["removed_by_contrast"]) or "none")
-                         + (f" · generated description (DeCap decoder, crops' mean): {res['generated']}"
+                         + f" · captioned: {seen}"
+                         + (f" · generated description (DeCap decoder, from their mean): {res['generated']}"
                             if res.get("generated") else "")})
         for kind in ("words", "phrases"):
             if res[kind]:
@@ -228,7 +233,8 @@ def explain_report(results: list[dict], data: ImageDataset, model_name: str, vl_
                              "cards": image_cards(overlays[:shown], res["high_keys"][:shown],
                                                   [f"#{i + 1}" for i in range(min(shown, len(overlays)))])})
         if res.get("captions"):
-            sections.append({"title": f"{name}: captions retrieved for the top crops", "table": [["crop", "captions"]] + [
+            sections.append({"title": f"{name}: captions retrieved for the top images ({seen})",
+                             "table": [["image", "captions"]] + [
                 [res["high_keys"][i] if i < len(res["high_keys"]) else i,
                  " | ".join(c if isinstance(c, str) else str(c) for c in caps)] for i, caps in enumerate(res["captions"])]})
         if res["low_keys"]:
