@@ -40,7 +40,8 @@ def accepted_words(name: str) -> set[str]:
 def main() -> None:
     model, vl = load_model("builtin:mobilenetv2"), load_model("builtin:lite-clip")
     bank = CaptionBankIndex.build(vl)
-    out, rows, hits_all = {"bank_size": len(bank.captions)}, [["dataset", "class", "top-3 words", "hit"]], []
+    out = {"bank_size": len(bank.captions), "view": "context (the default)"}
+    rows, hits_all = [["dataset", "class", "top-3 words", "hit"]], []
     for name, (tr_p, te_p) in SETS.items():
         tr, te_ds = embed(model, load_dataset(tr_p)), load_dataset(te_p)
         te = embed(model, te_ds)
