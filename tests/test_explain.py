@@ -66,7 +66,7 @@ def test_explain_cli(tmp_path, image_folder, capsys):
                "--top-n", "4", "--captions", str(bank), "--generate", "--report", str(tmp_path / "rep")])
     assert rc == 0 and (tmp_path / "rep" / "index.html").exists()
     html = (tmp_path / "rep" / "index.html").read_text()
-    assert "generated description" in html and "each Grad-CAM crop with its whole image as context" in html
+    assert "generated description" in html and "(each Grad-CAM crop with its whole image as context)" in html
     res = json.loads((tmp_path / "rep" / "explanations.json").read_text())["explanations"]
     assert len(res) == 1 and res[0]["features"] == [3, 5] and res[0]["n_high"] == 4 and res[0]["view"] == "context"
     assert res[0]["generated"] and "generated: " in capsys.readouterr().out  # the shipped lite-clip decoder wrote it

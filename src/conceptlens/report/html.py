@@ -20,7 +20,7 @@ PAGE = Environment(autoescape=True).from_string("""{% macro grid(cards) %}<div c
 <span class="bar" style="width:{{ (p.prob*60)|int }}px"></span></div>{% endfor %}</div>{% endfor %}</div>{% endmacro %}
 <!doctype html><html><head><meta charset="utf-8">
 <title>{{ title }}</title><style>
-body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px;color:#222}
+body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px;color:#222}pre{white-space:pre-wrap;overflow-wrap:anywhere}
 table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}
 th{background:#f4f4f4}.grid{display:flex;flex-wrap:wrap;gap:10px}
 .card{width:182px;box-sizing:border-box;border:1px solid #ddd;border-radius:6px;padding:6px;font-size:12px;

@@ -213,8 +213,7 @@ def explain_report(results: list[dict], data: ImageDataset, model_name: str, vl_
         name, seen = res["name"], VIEW_TEXT.get(res.get("view"), "the crops")
         sections.append({"title": f"{name}: {', '.join(w['concept'] for w in res['words'][:5])}",
                          "text": "removed by the contrastive step: " + (", ".join(res["removed_by_contrast"]) or "none")
-                         + f" · captioned: {seen}"
-                         + (f" · generated description (DeCap decoder, from their mean): {res['generated']}"
+                         + (f" · generated description (DeCap decoder, views' mean): {res['generated']}"
                             if res.get("generated") else "")})
         for kind in ("words", "phrases"):
             if res[kind]:
