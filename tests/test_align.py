@@ -126,3 +126,22 @@ def test_aligned_model_through_the_cli(tmp_path, image_folder):
     m = load_model("builtin:mobilenetv2/random", aligner=str(out))
     x = torch.rand(2, 3, 224, 224)
     assert m.encode_image(x).shape == (2, 1280)
+
+
+def test_align_also_fits_on_further_label_free_sets(tmp_path, image_folder, capsys):
+    from PIL import Image
+
+    from conceptlens.data import load_dataset
+    extra = tmp_path / "drawings"
+    extra.mkdir()
+    for i in range(6):
+        Image.new("RGB", (40, 40), (255, 255 - 40 * i, 255)).save(extra / f"d{i}.png")
+    out = tmp_path / "b.safetensors"
+    assert main(["align", "--source", "builtin:mobilenetv2/random", "--target", "builtin:lite-clip", "--data",
+                 str(image_folder), "--also", str(extra), "--out", str(out)]) == 0
+    meta = Aligner.load(out).meta_
+    assert meta["also"] == [str(extra)] and meta["n_images"] == len(load_dataset(image_folder)) + 6
+    assert "zeroshot_top1_agreement" in meta["metrics"]  # on the labelled set's held-out rows only
+    assert main(["align", "--source", "builtin:mobilenetv2/random", "--target", "builtin:lite-clip", "--data",
+                 str(image_folder), "--also", str(tmp_path / "missing"), "--out", str(out)]) == 2
+    assert "data not found" in capsys.readouterr().err

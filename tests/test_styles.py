@@ -51,6 +51,14 @@ def test_drawings_are_rasterised_on_white_once(fake_openmoji):
     assert (folders["black"] / "1F40E.png").stat().st_mtime_ns == stamp  # not redrawn
 
 
+def test_style_sets_load_by_name_as_unlabelled_drawings(fake_openmoji):
+    from conceptlens.data import load_dataset
+    ds = load_dataset("openmoji:color")
+    assert ds.name == "openmoji_color" and sorted(ds.keys) == ["1F3E0.png", "1F40E.png"] and ds.classnames is None
+    with pytest.raises(ConceptlensError, match="openmoji:black, openmoji:color"):
+        load_dataset("openmoji:grey")
+
+
 def test_missing_or_other_version_is_a_one_line_error(fake_openmoji, tmp_path, monkeypatch):
     (fake_openmoji / "package.json").write_text(json.dumps({"version": "1.0.0"}))
     with pytest.raises(ConceptlensError, match="OpenMoji 1.0.0"):

@@ -160,15 +160,17 @@ def model_of(a: argparse.Namespace, need_text: bool = False):
 RUN: dict = {"datasets": []}  # what this command read, for its provenance
 
 
-def dataset_of(a: argparse.Namespace, spec: str):
-    """Load a --data/--train/--test argument (named by --dataset-name if given) and note it for the provenance."""
+def dataset_of(a: argparse.Namespace, spec: str, extra: bool = False):
+    """Load a --data/--train/--test argument (named by --dataset-name if given) and note it for the provenance.
+    `extra`: a further, label-free set (align --also): --classes and --dataset-name do not apply to it."""
     from ..data import load_dataset
-    ds = load_dataset(spec, classes=a.classes, limit=a.limit, identity=getattr(a, "identity", "content"))
-    if getattr(a, "dataset_name", None):
+    classes = None if extra else a.classes
+    ds = load_dataset(spec, classes=classes, limit=a.limit, identity=getattr(a, "identity", "content"))
+    if getattr(a, "dataset_name", None) and not extra:
         ds.name = a.dataset_name
     RUN["datasets"].append({"spec": str(spec), "name": ds.name, "root": ds.root, "n_images": len(ds),
                             "n_classes": len(ds.classnames or []), "identity": ds.identity,
-                            "limit": a.limit, "classes": str(a.classes) if a.classes else None})
+                            "limit": a.limit, "classes": str(classes) if classes else None})
     return ds
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -276,24 +276,32 @@ class Aligner(BaseEstimator):
         return a
 
 
+def _paired(src: Encoder, tgt: Encoder, ds: ImageDataset, embed_kw: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Both models' features of `ds` (cached) and its labels, on the rows both could read."""
+    fs, ft = embed(src, ds, **embed_kw), embed(tgt, ds, **embed_kw)
+    if fs.keys == ft.keys:
+        return fs.X, ft.X, fs.labels
+    common = sorted(set(fs.keys) & set(ft.keys))  # an image unreadable by one model's preprocessing
+    pos_s, pos_t = {k: i for i, k in enumerate(fs.keys)}, {k: i for i, k in enumerate(ft.keys)}
+    return fs.X[[pos_s[k] for k in common]], ft.X[[pos_t[k] for k in common]], fs.labels[[pos_s[k] for k in common]]
+
+
 def fit(source: Encoder | str, target: Encoder | str, data, method: str = "ridge", holdout: float = 0.2,
-        seed: int = 0, **embed_kw) -> tuple[Aligner, dict]:
-    """Embed `data` with both models (cached), fit an Aligner; returns it and its metadata (with zero-shot
-    top-1 agreement when the target is a vision-language model and the data has class names)."""
+        seed: int = 0, also: Sequence = (), **embed_kw) -> tuple[Aligner, dict]:
+    """Embed `data` (and the label-free sets in `also`, e.g. "openmoji:black" / "openmoji:color": drawings teach
+    the map the photo -> drawing direction photos alone never show) with both models (cached), fit an Aligner;
+    returns it and its metadata (with zero-shot top-1 agreement on `data`'s held-out rows when the target is a
+    vision-language model and `data` has class names)."""
     src = load_model(source) if isinstance(source, str) else source
     tgt = load_model(target) if isinstance(target, str) else target
-    ds = data if isinstance(data, ImageDataset) else load_dataset(data)
-    fs, ft = embed(src, ds, **embed_kw), embed(tgt, ds, **embed_kw)
-    if fs.keys != ft.keys:  # an image unreadable by one model's preprocessing: keep the common rows
-        common = sorted(set(fs.keys) & set(ft.keys))
-        pos_s, pos_t = {k: i for i, k in enumerate(fs.keys)}, {k: i for i, k in enumerate(ft.keys)}
-        Xs, Xt = fs.X[[pos_s[k] for k in common]], ft.X[[pos_t[k] for k in common]]
-        labels = fs.labels[[pos_s[k] for k in common]]
-    else:
-        Xs, Xt, labels = fs.X, ft.X, fs.labels
+    sets = [d if isinstance(d, ImageDataset) else load_dataset(d) for d in (data, *also)]
+    parts = [_paired(src, tgt, d, embed_kw) for d in sets]
+    Xs = np.concatenate([p[0] for p in parts]) if len(parts) > 1 else parts[0][0]  # one set: its memmap, no copy
+    Xt = np.concatenate([p[1] for p in parts]) if len(parts) > 1 else parts[0][1]
+    ds, labels, n_main = sets[0], parts[0][2], len(parts[0][2])
     al = Aligner(method, holdout=holdout, seed=seed, device=str(embed_kw.get("device") or "cpu")).fit(Xs, Xt)
-    if tgt.has_text and ds.classnames and (labels >= 0).all():
-        ho = al.heldout_rows_
+    ho = al.heldout_rows_[al.heldout_rows_ < n_main]  # held-out rows of `data` itself
+    if tgt.has_text and ds.classnames and (labels >= 0).all() and len(ho):
         clf = zeroshot.build_classifier(tgt, ds.classnames, zeroshot.openai_templates())
         own = zeroshot.logits(torch.from_numpy(np.asarray(Xt[ho], np.float32)), clf)
         mapped = zeroshot.logits(torch.from_numpy(al.transform(Xs[ho])), clf)
@@ -302,5 +310,8 @@ def fit(source: Encoder | str, target: Encoder | str, data, method: str = "ridge
                             "aligned_zeroshot_acc1": float((mapped.argmax(1).numpy() == labels[ho]).mean())})
     meta = {"source": src.name, "target": tgt.name, "layer": src.layer, "source_preprocess": src.preprocess_id(),
             "source_fingerprint": src.image_fingerprint, "target_fingerprint": tgt.fingerprint,
-            "data": ds.root or ds.name, "data_fingerprint": ds.identity, "n_images": int(len(Xs))}
+            "data": ds.root or ds.name, "data_fingerprint": digest([d.identity for d in sets]) if also else ds.identity,
+            "n_images": int(len(Xs))}
+    if also:
+        meta["also"] = [d.root or d.name for d in sets[1:]]
     return al, meta

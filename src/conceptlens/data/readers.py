@@ -18,6 +18,7 @@ from ..io import digest, pick_column, read_rows, read_text
 from .dataset import IMAGE_EXTS, ImageDataset, Shard, tar_members
 from .exported import SIDE, is_exported, read_metadata
 from .named import FASHION_DIR, NAMED_SETS, named_arrays
+from .styles import STYLE_SETS, openmoji_images
 
 FILES_PER_SHARD = 1024
 
@@ -43,10 +44,14 @@ def load_dataset(spec: str | Path, classes: str | Path | None = None, limit: int
 def _load(spec: str, classes: str | Path | None, limit: int | None) -> ImageDataset:
     if spec in NAMED_SETS or spec.split(":")[0] in ("fashion-mnist",):
         ds = _named(spec)
+    elif spec in STYLE_SETS:  # OpenMoji drawings, rasterised once into the cache
+        ds = _folder(openmoji_images()[spec.split(":")[1]])
+        ds.name = spec.replace(":", "_")
     elif is_shard_spec(spec):
         ds = tars(spec)
     elif not os.path.exists(spec):
-        raise ConceptlensError(f"data not found: {spec} (a folder, tar shards, CSV/JSONL or one of {', '.join(NAMED_SETS)})")
+        raise ConceptlensError(f"data not found: {spec} (a folder, tar shards, CSV/JSONL or one of "
+                               f"{', '.join(NAMED_SETS + STYLE_SETS)})")
     elif is_exported(Path(spec)):
         ds = _exported(Path(spec))
     elif os.path.isdir(spec):

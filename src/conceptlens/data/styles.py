@@ -22,6 +22,7 @@ OPENMOJI_VERSION = "17.0.0"
 OPENMOJI_GROUPS = ("activities", "animals-nature", "extras-openmoji", "food-drink", "objects", "people-body",
                    "smileys-emotion", "travel-places")
 STYLES = ("black", "color")
+STYLE_SETS = tuple(f"openmoji:{s}" for s in STYLES)  # --data names: the drawings of one style, unlabelled
 
 
 def openmoji_root() -> Path:
@@ -60,7 +61,7 @@ def openmoji_images(size: int = 160, root: Path | None = None, show_progress: bo
         folder = base / style
         folder.mkdir(parents=True, exist_ok=True)
         todo = [h for h in names if not (folder / f"{h}.png").exists() and (root / style / "svg" / f"{h}.svg").exists()]
-        for h in progress(todo, desc=f"rasterise OpenMoji {style}", **({} if show_progress else {"disable": True})):
+        for h in progress(todo, desc=f"rasterise OpenMoji {style}", **({} if show_progress and todo else {"disable": True})):
             png = cairosvg.svg2png(url=str(root / style / "svg" / f"{h}.svg"), output_width=size, output_height=size)
             im = Image.open(io.BytesIO(png)).convert("RGBA")
             white = Image.new("RGBA", im.size, (255, 255, 255, 255))
