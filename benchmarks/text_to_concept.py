@@ -18,7 +18,7 @@ from conceptlens.eval import zeroshot
 from conceptlens.concepts.align import Aligner
 from conceptlens.concepts import default_concepts, run_cbm, run_diagnose
 from conceptlens.data import load_dataset
-from conceptlens.data.styles import openmoji_images
+from conceptlens.data.styles import STYLE_SETS
 from conceptlens.concepts.decode import CaptionMemory
 from conceptlens.features import embed
 from conceptlens.models import load_model
@@ -27,8 +27,7 @@ from conceptlens.data.wordnet import hypernym_words
 
 D = shared_dir() / "data"
 EVAL = {"imagenette": D / "imagenette/val", "cifar10": D / "cifar10/test-000000.tar.gz", "pacs_photo": D / "pacs/photo"}
-FIT = [D / "imagenette/train", D / "cifar10/train-00000{0..1}.tar.gz", D / "flickr8k/images",
-       *openmoji_images(show_progress=False).values()]
+FIT = [D / "imagenette/train", D / "cifar10/train-00000{0..1}.tar.gz", D / "flickr8k/images", *STYLE_SETS]
 
 
 def feats(model, path):

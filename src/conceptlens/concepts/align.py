@@ -283,7 +283,8 @@ def _paired(src: Encoder, tgt: Encoder, ds: ImageDataset, embed_kw: dict) -> tup
         return fs.X, ft.X, fs.labels
     common = sorted(set(fs.keys) & set(ft.keys))  # an image unreadable by one model's preprocessing
     pos_s, pos_t = {k: i for i, k in enumerate(fs.keys)}, {k: i for i, k in enumerate(ft.keys)}
-    return fs.X[[pos_s[k] for k in common]], ft.X[[pos_t[k] for k in common]], fs.labels[[pos_s[k] for k in common]]
+    rows_s = [pos_s[k] for k in common]
+    return fs.X[rows_s], ft.X[[pos_t[k] for k in common]], fs.labels[rows_s]
 
 
 def fit(source: Encoder | str, target: Encoder | str, data, method: str = "ridge", holdout: float = 0.2,
@@ -296,9 +297,9 @@ def fit(source: Encoder | str, target: Encoder | str, data, method: str = "ridge
     tgt = load_model(target) if isinstance(target, str) else target
     sets = [d if isinstance(d, ImageDataset) else load_dataset(d) for d in (data, *also)]
     parts = [_paired(src, tgt, d, embed_kw) for d in sets]
-    Xs = np.concatenate([p[0] for p in parts]) if len(parts) > 1 else parts[0][0]  # one set: its memmap, no copy
-    Xt = np.concatenate([p[1] for p in parts]) if len(parts) > 1 else parts[0][1]
-    ds, labels, n_main = sets[0], parts[0][2], len(parts[0][2])
+    Xs, Xt, _ = (np.concatenate(c) if len(c) > 1 else c[0] for c in zip(*parts))  # one set: its memmap, no copy
+    ds, labels = sets[0], parts[0][2]
+    n_main = len(labels)
     al = Aligner(method, holdout=holdout, seed=seed, device=str(embed_kw.get("device") or "cpu")).fit(Xs, Xt)
     ho = al.heldout_rows_[al.heldout_rows_ < n_main]  # held-out rows of `data` itself
     if tgt.has_text and ds.classnames and (labels >= 0).all() and len(ho):
