@@ -10,12 +10,18 @@ from conceptlens.errors import ConceptlensError
 from conceptlens.concepts.search import ConceptIndex, parse, terms_of
 
 
-def brute_force(X, tree, emb, k, k_pos=1.0, k_neg=0.0):
+def brute_force(X, tree, emb, k, k_pos=1.0, k_neg=0.0, partial=0.5):
+    """The query by scores over every row; negated concepts' scores partly regressed on the positives' scores."""
     X = X / np.linalg.norm(X, axis=1, keepdims=True)
+    scores = {w: X @ (v / np.linalg.norm(v)) for w, v in emb.items()}
+    pos = sorted({t.text for t, neg in terms_of(tree) if not neg})
+    A = np.stack([scores[w] for w in pos], 1) if pos else None
     st = {}
     for term, neg in terms_of(tree):
-        t = emb[term.text] / np.linalg.norm(emb[term.text])
-        s = X @ t
+        s = scores[term.text]
+        if neg and A is not None:
+            Ac = A - A.mean(0)
+            s = s - partial * A @ np.linalg.lstsq(Ac, s - s.mean(), rcond=None)[0]
         kk = term.k if term.k is not None else (k_neg if neg else k_pos)
         st[(term.text, neg)] = (s, s.mean(), s.std(), neg, kk)
 
@@ -32,16 +38,46 @@ def brute_force(X, tree, emb, k, k_pos=1.0, k_neg=0.0):
     return ok[np.argsort(-score[ok], kind="stable")][:k]
 
 
+@pytest.mark.parametrize("partial", [0.0, 0.5, 1.0])
 @pytest.mark.parametrize("query", ["a & b", "a & !b", "(a | c:0.5) & !b:1", "!(a & b) & c"])
-def test_index_search_equals_brute_force(query):
+def test_index_search_equals_brute_force(query, partial):
     rng = np.random.default_rng(0)
     X = rng.normal(size=(5000, 32)).astype(np.float32)
+    X[:, 1] += 0.6 * X[:, 0]  # b's direction follows a's, so the partial regression matters
     emb = {w: rng.normal(size=32) for w in "abc"}
+    emb["b"][:2] += 4 * np.array([1.0, 1.0])
+    emb["a"][0] += 4
     tree = parse(query)
-    rows, scores = ConceptIndex(X).query(tree, emb, k=20)
-    ref = brute_force(X.astype(np.float64), tree, emb, 20)
+    rows, scores = ConceptIndex(X).query(tree, emb, k=20, partial=partial)
+    ref = brute_force(X.astype(np.float64), tree, emb, 20, partial=partial)
     assert len(rows) > 0 and list(rows) == list(ref)
     assert np.all(np.diff(scores) <= 1e-5)
+
+
+def test_negation_does_not_throw_out_what_was_asked_for_because_the_two_correlate():
+    """"horse & !grass" where the model's grass direction follows horses: the reference's global threshold keeps
+    no horse; the partial negation keeps horses and still prefers those standing on less grass."""
+    rng = np.random.default_rng(1)
+    d, horse, grass = 16, np.eye(16)[0], np.eye(16)[1]
+    n_h, n_o = 300, 2700
+    lawn = rng.uniform(0.5, 1.5, n_h)  # how much grass each horse stands on
+    horses = 2.0 * horse + lawn[:, None] * grass + 0.3 * rng.normal(size=(n_h, d))
+    others = rng.uniform(0, 1.5, (n_o, 1)) * grass + 0.3 * rng.normal(size=(n_o, d)) + rng.normal(size=(n_o, 1)) * np.eye(d)[2]
+    index, tree = ConceptIndex(np.r_[horses, others].astype(np.float32)), parse("horse & !grass")
+    emb = {"horse": horse, "grass": grass + 0.8 * horse}
+    ref_rows, _ = index.query(tree, emb, k=20, partial=0.0)
+    rows, _ = index.query(tree, emb, k=20)
+    assert (rows < n_h).sum() >= (ref_rows < n_h).sum() + 5
+    assert lawn[rows[rows < n_h]].mean() < lawn.mean() - 0.2  # the negation still acts among the horses
+
+
+def test_partial_outside_the_unit_interval_exits_2_and_the_cli_default_is_the_apis(capsys):
+    from conceptlens.cli.main import build_parser
+    from conceptlens.concepts.search import PARTIAL
+    assert build_parser().parse_args(["search", "--model", "m", "--data", "d", "q"]).partial == PARTIAL
+    with pytest.raises(SystemExit) as exit_:
+        main(["search", "--model", "builtin:lite-clip", "--data", "samples", "horse & !grass", "--partial", "2"])
+    assert exit_.value.code == 2 and "--partial: must lie in [0, 1]" in capsys.readouterr().err
 
 
 def test_query_syntax_errors_exit_2(capsys):

@@ -127,6 +127,11 @@ def nonnegative(text: str) -> float:
     return _typed(text, float, "a number", lambda v: 0 <= v < float("inf"), "must be a finite number >= 0")
 
 
+def fraction(text: str) -> float:
+    """argparse type: a number in [0, 1]."""
+    return _typed(text, float, "a number", lambda v: 0 <= v <= 1, "must lie in [0, 1]")
+
+
 def fraction_range(text: str) -> tuple[float, float]:
     """argparse type: LOW,HIGH with 0 <= LOW < HIGH <= 1."""
     return _typed(text, lambda t: tuple(float(v) for v in t.split(",")), "two numbers LOW,HIGH",

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ._options import (add_outputs, add_seed, command, command_line, dataset_of, embed_kwargs, load_on_device,
-                       load_vectors, model_of, nonnegative, positive, table, write_json, write_report)
+                       fraction, load_vectors, model_of, nonnegative, positive, table, write_json, write_report)
 
 
 def register(sub) -> None:
@@ -38,6 +38,8 @@ def register(sub) -> None:
     p = command(sub, "search", 'concept-logic image search: "horse & sketch & !grass"', search)
     p.add_argument("query", help='concepts joined by & (and), | (or), ! (not) and parentheses')
     p.add_argument("--top-k", type=positive, default=20, help="results to return")
+    p.add_argument("--partial", type=fraction, default=0.5,  # = concepts.search.PARTIAL; the CLI parses before numpy
+                   help="how far a negated concept is taken relative to the asked-for ones (0 = the reference)")
     add_outputs(p)
     p = command(sub, "decode", "turn vectors (image features, class means, a direction) into captions", decode,
                 "optional-data")
@@ -113,7 +115,7 @@ def search(a) -> None:
     parse(a.query)  # a malformed query fails before the model loads
     ds = dataset_of(a, a.data)
     model = model_of(a, need_text=True)
-    res = run(model, ds, a.query, k=a.top_k, **embed_kwargs(a))
+    res = run(model, ds, a.query, k=a.top_k, partial=a.partial, **embed_kwargs(a))
     table([["rank", "image", "score"]] + [[i + 1, k, f"{s:.2f}"] for i, (k, s) in
                                           enumerate(zip(res["keys"], res["scores"]))])
     if res.get("note"):

@@ -3,6 +3,13 @@
 Each concept j is a text embedding t_j (template ensemble); image i passes "+j" when its cosine
 s_ij > mean_j + k_j·std_j and "!j" when s_ij < mean_j − k_j·std_j (the reference's thresholds; defaults
 k = 1 for +, 0 for !; write "horse:2" to set k). Images passing are ranked by Σ ±(s_ij − mean_j)/std_j.
+A negated concept is first made partly relative to the query's asked-for concepts (ours, `partial` ρ): its
+direction t becomes t − ρ·Pᵀβ, β the least-squares regression of its scores on the positive concepts' scores
+over the collection, so "horse & !grass" does not throw out horses only because a model's grass direction
+follows horses (ρ = 0 is the reference; ρ = 1 negates only what the positives do not explain). ρ = 0.5 was
+chosen on CIFAR-10 train + Imagenette train (14 queries such as "ship & !water", 20 results each): results of
+the asked-for class with less of the negated concept than that class's mean, 154 (ρ = 0) / 174 / 220 (0.5) /
+198 / 187 (ρ = 1) of 280.
 The statistics are exact for any collection size from its mean vector and covariance (mean_j = m·t_j,
 std_j² = t_jᵀ C t_j), and the ranking score is one inner product with q = Σ ±t_j/std_j, so a FAISS index
 answers the query: flat (exact) for small collections, IVF for large ones; candidates come from the index
@@ -31,6 +38,7 @@ class Term:
 
 
 MAX_TERMS, MAX_DEPTH = 64, 32
+PARTIAL = 0.5  # weight of the partial-regression correction of negated concepts (module docstring)
 
 
 def parse(query: str):
@@ -142,13 +150,18 @@ class ConceptIndex:
         self.exact = n < exact_below
 
     def query(self, tree, text_emb: dict[str, np.ndarray], k: int = 20, k_pos: float = 1.0,
-              k_neg: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+              k_neg: float = 0.0, partial: float = PARTIAL) -> tuple[np.ndarray, np.ndarray]:
         """Top-k image rows passing the query, best first, and their scores."""
         terms = terms_of(tree)
+        unit = {w: np.asarray(v, np.float64) / (np.linalg.norm(v) + 1e-12) for w, v in text_emb.items()}
+        positives = sorted({term.text for term, neg in terms if not neg})
+        P = np.stack([unit[w] for w in positives]) if positives and partial else None
+        PC = None if P is None else P @ self.cov
         stats = {}
         for term, neg in terms:
-            t = np.asarray(text_emb[term.text], np.float64)
-            t = t / (np.linalg.norm(t) + 1e-12)
+            t = unit[term.text]
+            if neg and P is not None:  # regress out what the asked-for concepts explain (module docstring)
+                t = t - partial * P.T @ np.linalg.lstsq(PC @ P.T, PC @ t, rcond=None)[0]
             mu, sd = float(self.mean @ t), float(np.sqrt(max(t @ self.cov @ t, 1e-12)))
             kk = term.k if term.k is not None else (k_neg if neg else k_pos)
             stats[(term.text, neg)] = (t, mu, sd, mu - kk * sd if neg else mu + kk * sd)
@@ -186,10 +199,13 @@ class ConceptIndex:
 
 
 def search(model: Encoder, data: ImageDataset | Features, query: str, k: int = 20, templates=None,
-           index: ConceptIndex | None = None, k_pos: float = 1.0, k_neg: float = 0.0, **embed_kw) -> dict:
+           index: ConceptIndex | None = None, k_pos: float = 1.0, k_neg: float = 0.0, partial: float = PARTIAL,
+           **embed_kw) -> dict:
     """Run a concept-logic query over the (cached) features of a vision-language (or aligned) model."""
     if k < 1:
         raise ConceptlensError("k (results to return) must be positive")
+    if not 0 <= partial <= 1:
+        raise ConceptlensError(f"partial must lie in [0, 1] (0 = the reference's negation), not {partial}")
     tree = parse(query)
     features = as_features(model, data, **embed_kw)
     words = sorted({t.text for t, _ in terms_of(tree)})
@@ -197,12 +213,13 @@ def search(model: Encoder, data: ImageDataset | Features, query: str, k: int = 2
     emb = build_classifier(model, words, tmpl)
     text_emb = {w: emb[i].numpy() for i, w in enumerate(words)}
     index = index or ConceptIndex(features.X)
-    rows, scores = index.query(tree, text_emb, k=k, k_pos=k_pos, k_neg=k_neg)
+    rows, scores = index.query(tree, text_emb, k=k, k_pos=k_pos, k_neg=k_neg, partial=partial)
     n = len(features.keys)
     note = None
     if len(rows) < k:  # fewer than asked: always say why
         note = (f"{len(rows)} results, not {k}: the set has {n} images" if n < k else
                 f"{len(rows)} results, not {k}: only {len(rows)} of {n} images pass every constraint of the query")
-    return {"query": query, "model": model.name, "dataset": features.dataset, "n_images": n, "k": k, "note": note,
+    return {"query": query, "model": model.name, "dataset": features.dataset, "n_images": n, "k": k,
+            "partial": partial, "note": note,
             "rows": rows.tolist(), "keys": [features.keys[r] for r in rows], "scores": scores.tolist(),
             "labels": [int(features.labels[r]) for r in rows]}
