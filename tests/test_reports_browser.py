@@ -114,6 +114,6 @@ def test_reports_carry_provenance_and_labels(reports):
         prov = json.loads(js.read_text())["provenance"]
         assert {"command", "conceptlens", "git", "date", "datasets", "args"} <= set(prov), name
         assert prov["datasets"] and all({"spec", "n_images", "identity"} <= set(d) for d in prov["datasets"]), name
-    assert "#1 · score" in reports["search"].read_text()
+    assert "#1 · score" in reports["search"].read_text() and "--partial 0.5" in reports["search"].read_text()
     assert "Wilson" in reports["zeroshot"].read_text() and "A: data" in reports["diagnose"].read_text()
     assert "Grad-CAM heat maps" in reports["explain"].read_text()

@@ -181,7 +181,7 @@ def dataset_of(a: argparse.Namespace, spec: str, extra: bool = False):
 
 _PROVENANCE_ARGS = ("model", "layer", "aligner", "source", "target", "vl_model", "captions", "concepts", "templates",
                     "strategy", "budget", "n_samples", "seed", "device", "precision", "backend", "engine", "batch_size",
-                    "limit", "identity", "config", "query")
+                    "limit", "identity", "config", "query", "partial", "view")
 
 
 def provenance() -> dict:

@@ -217,8 +217,9 @@ def search(model: Encoder, data: ImageDataset | Features, query: str, k: int = 2
     n = len(features.keys)
     note = None
     if len(rows) < k:  # fewer than asked: always say why
-        note = (f"{len(rows)} results, not {k}: the set has {n} images" if n < k else
-                f"{len(rows)} results, not {k}: only {len(rows)} of {n} images pass every constraint of the query")
+        got = f"{len(rows)} result{'s' * (len(rows) != 1)}, not {k}"
+        note = (f"{got}: the set has {n} images" if n < k else
+                f"{got}: only {len(rows)} of {n} images pass every constraint of the query")
     return {"query": query, "model": model.name, "dataset": features.dataset, "n_images": n, "k": k,
             "partial": partial, "note": note,
             "rows": rows.tolist(), "keys": [features.keys[r] for r in rows], "scores": scores.tolist(),

@@ -156,9 +156,12 @@ def diagnose_report(res: dict, data_a: ImageDataset, data_b: ImageDataset, repor
 
 def search_report(res: dict, data: ImageDataset, report: Path) -> Path:
     """The ranked results of a concept-logic query: rank, score and label on every thumbnail."""
-    sections = [{"title": f"{len(res['keys'])} results for {res['query']!r} ({res['model']})",
-                 "note": res.get("note") or f"top {len(res['keys'])} of {res['n_images']} images; score = the "
-                                            "query's soft-logic margin (higher is a better match)",
+    negation = (f"; negated concepts taken relative to the asked-for ones at --partial {res['partial']:g} (0 = the "
+                "paper's global threshold)" if "!" in res["query"] and "partial" in res else "")
+    n = len(res["keys"])
+    sections = [{"title": f"{n} result{'s' * (n != 1)} for {res['query']!r} ({res['model']})",
+                 "note": (res.get("note") or f"top {len(res['keys'])} of {res['n_images']} images; score = the "
+                                             "query's soft-logic margin (higher is a better match)") + negation,
                  "cards": _labelled_cards(data, res["keys"], res["scores"])}]
     return _write(report, f"search: {res['query']}", sections, "search", res)
 
