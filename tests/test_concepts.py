@@ -165,3 +165,15 @@ def test_relaxed_refit_matches_scikit_learn_on_its_support_and_keeps_the_budget(
     for relax in (False, True):
         cbm = ConceptBottleneck(max_concepts=4, relax=relax).fit(A, y)
         assert max(cbm.nonzero_per_class()) <= 4 and cbm.relaxed_ == (relax and cbm.relaxed_)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_final_fit_keeps_the_concept_budget(seed):
+    """The budget is checked on four fifths of the data; the final fit on all of it used to keep more concepts
+    (7-17 for budgets of 5 and 10 on this problem) at the chosen C."""
+    rng = np.random.default_rng(seed)
+    A = rng.normal(size=(600, 120))
+    y = (A @ (rng.normal(size=(120, 5)) * (rng.random((120, 5)) < 0.4)) + 2 * rng.gumbel(size=(600, 5))).argmax(1)
+    for budget in (5, 10):
+        cbm = ConceptBottleneck(max_concepts=budget).fit(A, y)
+        assert 0 < max(cbm.nonzero_per_class()) <= budget and cbm.score(A, y) > 0.4

@@ -95,7 +95,8 @@ class ConceptBottleneck(ClassifierMixin, BaseEstimator):
     the budget and the first beyond it, so the budget is used. One regularisation path, each fit warm-started from
     the previous (stronger-penalty) solution, as glmnet and LF-CBM's GLM-SAGA do. `relax`: the relaxed lasso
     (Meinshausen 2007): refit the chosen concepts without the L1 shrinkage (ridge `l2` only), kept when it scores
-    better on the held-out fifth (`relaxed_`); the concepts and their count do not change.
+    better on the held-out fifth (`relaxed_`); the concepts and their count do not change. The final fit on all the
+    training data keeps the budget too (`_final_fit`; `C_` is the C it used).
     """
 
     def __init__(self, max_concepts: int = 30, Cs: Sequence[float] | None = None, seed: int = 0, tol: float = 1e-5,
@@ -151,15 +152,39 @@ class ConceptBottleneck(ClassifierMixin, BaseEstimator):
             lo, Wlo, blo = mid, Wm, bm
             if (acc := held(Wm, bm)) >= best[0]:
                 best = (acc, mid, Wm, bm)
-        self.C_ = best[1]
         self.relaxed_ = False
         if self.relax:
             self.relaxed_ = held(*relaxed_logistic(Z[tr], Y[tr], best[2] != 0, best[2], best[3], self.l2)) > best[0]
-        W, b, self.n_iter_ = l1_logistic(Z, Y, 1.0 / (self.C_ * len(Z)), best[2], best[3], tol=self.tol)
+        self.C_, W, b, self.n_iter_ = self._final_fit(Z, Y, best[1], best[2], best[3])
         if self.relaxed_:
             W, b = relaxed_logistic(Z, Y, W != 0, W, b, self.l2)
         self.coef_, self.intercept_ = W.T.copy(), b  # [classes, concepts], as scikit-learn's multinomial models
         return self
+
+    def _final_fit(self, Z: np.ndarray, Y: np.ndarray, C: float, W: np.ndarray, b: np.ndarray):
+        """The fit on all the training data at the chosen C; all the data can carry more concepts there than four
+        fifths did, so where it breaks the budget, C is halved until it keeps it, then bisected (`refine` steps, in
+        log C) back toward the chosen C. Returns (C, W, b, iterations) of the largest C tried within the budget."""
+        def fit(C, W, b):
+            W, b, it = l1_logistic(Z, Y, 1.0 / (C * len(Z)), W, b, tol=self.tol)
+            return W, b, it, int((W != 0).sum(0).max()) <= self.max_concepts
+
+        W1, b1, it, ok = fit(C, W, b)
+        if ok:
+            return C, W1, b1, it
+        hi, lo = C, C
+        while not ok:
+            lo /= 2
+            W1, b1, it, ok = fit(lo, W1, b1)
+        good = (lo, W1, b1, it)
+        for _ in range(self.refine):
+            mid = float(np.sqrt(lo * hi))
+            Wm, bm, itm, ok = fit(mid, good[1], good[2])
+            if ok:
+                lo, good = mid, (mid, Wm, bm, itm)
+            else:
+                hi = mid
+        return good
 
     def decision_function(self, A: np.ndarray) -> np.ndarray:
         return (np.asarray(A, dtype=np.float64) - self.mean_) / self.scale_ @ self.coef_.T + self.intercept_
