@@ -160,7 +160,7 @@ def search_report(res: dict, data: ImageDataset, report: Path) -> Path:
                 "paper's global threshold)" if "!" in res["query"] and "partial" in res else "")
     n = len(res["keys"])
     sections = [{"title": f"{n} result{'s' * (n != 1)} for {res['query']!r} ({res['model']})",
-                 "note": (res.get("note") or f"top {len(res['keys'])} of {res['n_images']} images; score = the "
+                 "note": (res.get("note") or f"top {n} of {res['n_images']} images; score = the "
                                              "query's soft-logic margin (higher is a better match)") + negation,
                  "cards": _labelled_cards(data, res["keys"], res["scores"])}]
     return _write(report, f"search: {res['query']}", sections, "search", res)
