@@ -86,6 +86,20 @@ def lipschitz(Z: np.ndarray) -> float:
     return 0.5 * (np.linalg.norm(Z, 2) ** 2 + len(Z)) / len(Z)
 
 
+def _bisect_budget(fit, lo: float, hi: float, start: tuple, steps: int):
+    """Bisect log C `steps` times between `lo` (within the concept budget; its weights `start`) and `hi` (beyond it),
+    each fit warm-started from the last one within; yields (C, fit(C, W, b)) for every C within the budget.
+    `fit` returns a tuple whose last item says whether the budget holds."""
+    for _ in range(steps):
+        mid = float(np.sqrt(lo * hi))
+        r = fit(mid, *start[:2])
+        if r[-1]:
+            lo, start = mid, r
+            yield mid, r
+        else:
+            hi = mid
+
+
 class ConceptBottleneck(ClassifierMixin, BaseEstimator):
     """Label-free CBM: standardised concept activations -> sparse (L1) multinomial logistic regression.
 
@@ -122,13 +136,14 @@ class ConceptBottleneck(ClassifierMixin, BaseEstimator):
         perm = np.random.default_rng(self.seed).permutation(len(Z))
         cut = int(0.8 * len(Z))
         tr, va = perm[:cut], perm[cut:]
-        best, W, b, L = None, None, None, lipschitz(Z[tr])
+        Ztr, Ytr = Z[tr], Y[tr]  # indexed once: every path point reads them
+        best, W, b, L = None, None, None, lipschitz(Ztr)
 
         def held(W, b) -> float:
             return float(((Z[va] @ W + b).argmax(1) == yi[va]).mean())
 
         def path_point(C, W, b):  # path points only rank penalties (by held-out accuracy): 10x looser than the final fit
-            W, b, _ = l1_logistic(Z[tr], Y[tr], 1.0 / (C * len(tr)), W, b, tol=10 * self.tol, L=L)
+            W, b, _ = l1_logistic(Ztr, Ytr, 1.0 / (C * len(tr)), W, b, tol=10 * self.tol, L=L)
             return W, b, int((W != 0).sum(0).max()) <= self.max_concepts
 
         over, lo = None, None
@@ -143,18 +158,12 @@ class ConceptBottleneck(ClassifierMixin, BaseEstimator):
                 best = (acc, C, W, b)
         if best is None:
             raise ConceptlensError(f"even the strongest L1 penalty keeps more than {self.max_concepts} concepts a class")
-        for _ in range(self.refine if over is not None else 0):
-            mid = float(np.sqrt(lo * over))
-            Wm, bm, ok = path_point(mid, Wlo, blo)
-            if not ok:
-                over = mid
-                continue
-            lo, Wlo, blo = mid, Wm, bm
+        for mid, (Wm, bm, _) in (_bisect_budget(path_point, lo, over, (Wlo, blo), self.refine) if over is not None else ()):
             if (acc := held(Wm, bm)) >= best[0]:
                 best = (acc, mid, Wm, bm)
         self.relaxed_ = False
         if self.relax:
-            self.relaxed_ = held(*relaxed_logistic(Z[tr], Y[tr], best[2] != 0, best[2], best[3], self.l2)) > best[0]
+            self.relaxed_ = held(*relaxed_logistic(Ztr, Ytr, best[2] != 0, best[2], best[3], self.l2)) > best[0]
         self.C_, W, b, self.n_iter_ = self._final_fit(Z, Y, best[1], best[2], best[3])
         if self.relaxed_:
             W, b = relaxed_logistic(Z, Y, W != 0, W, b, self.l2)
@@ -177,13 +186,8 @@ class ConceptBottleneck(ClassifierMixin, BaseEstimator):
             lo /= 2
             W1, b1, it, ok = fit(lo, W1, b1)
         good = (lo, W1, b1, it)
-        for _ in range(self.refine):
-            mid = float(np.sqrt(lo * hi))
-            Wm, bm, itm, ok = fit(mid, good[1], good[2])
-            if ok:
-                lo, good = mid, (mid, Wm, bm, itm)
-            else:
-                hi = mid
+        for mid, (Wm, bm, itm, _) in _bisect_budget(fit, lo, hi, (W1, b1), self.refine):
+            good = (mid, Wm, bm, itm)
         return good
 
     def decision_function(self, A: np.ndarray) -> np.ndarray:
