@@ -16,8 +16,9 @@ def fista(grad: Callable[[Blocks], Blocks], prox: Callable[[Blocks, float], Bloc
           ) -> tuple[Blocks, int]:
     """Minimise f + g over parameter blocks `x` (e.g. [weights, intercept]): `grad` gives f's gradient per block,
     `prox(blocks, step)` g's proximal map, `step` = 1 / Lipschitz(grad f). Stops when no parameter moves by more
-    than tol relative to the largest entry of the first block and (`gtol`) by more than gtol * step, i.e. the
-    prox-gradient map is within gtol of a fixed point. Returns (blocks, iterations).
+    than tol relative to the largest entry of the first block and (`gtol`) by more than gtol * step: a step's move
+    over its length is the (prox-)gradient's size, so this asks for a point within about gtol of stationary.
+    Returns (blocks, iterations).
 
     With `value` (f itself) the step adapts by backtracking (Beck & Teboulle 2009 §4, with increases as in
     Scheinberg, Goldfarb & Bai 2014): each iteration tries 1.25x the last accepted step and halves it until f's
