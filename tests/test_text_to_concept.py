@@ -94,3 +94,26 @@ def test_negation_keeps_what_was_asked_for_on_cifar10_train(models):
             found[query, partial] = sum(f.classnames[lab] == cls for lab in r["labels"])
     ours, ref = (sum(v for (q, p), v in found.items() if p == rho) for rho in (0.5, 0.0))
     assert ours >= 35 and ours >= ref + 20, found
+
+
+@pytest.mark.slow
+def test_cbm_stays_close_to_the_linear_probe_on_cifar10_train(models):
+    """The CBM's CIFAR-10 gap to a linear probe (issue: <= 4 points; benchmark 2.7 on the test set), on train splits
+    (choice data): aligner label-free on 3,000 of train-000002, CBM and probe fit on 2,000 of train-000000, scored on 2,000
+    of train-000001. Measured: CBM 0.7045 with 294 concepts over 10 classes, probe 0.729 (gap 2.5 points); cutting the
+    L1 path at the budget instead (the previous CBM): 0.6965 with 211 (gap 3.3)."""
+    from conceptlens.concepts import ConceptBottleneck, default_concepts
+    from conceptlens.eval.probe import LinearProbe
+    src, tgt = models
+    fit = load_dataset(shared("data/cifar10/train-000002.tar.gz"), limit=3000)
+    al = Aligner("ridge").fit(embed(src, fit).X, embed(tgt, fit).X)
+    aligned = al.to_model(src, tgt)
+    tr, te = (load_dataset(shared(f"data/cifar10/train-00000{i}.tar.gz"), limit=2000) for i in (0, 1))
+    raw_tr, raw_te = embed(src, tr), embed(src, te)
+    C = concept_matrix(aligned, default_concepts(raw_tr.classnames))
+    a_tr, a_te = (activations(al.transform(f.X), C) for f in (raw_tr, raw_te))
+    cbm = ConceptBottleneck(max_concepts=30).fit(a_tr, raw_tr.labels)
+    probe = LinearProbe().fit(np.asarray(raw_tr.X), raw_tr.labels).score(np.asarray(raw_te.X), raw_te.labels)
+    acc = cbm.score(a_te, raw_te.labels)
+    used = cbm.nonzero_per_class()
+    assert max(used) <= 30 and sum(used) >= 270 and acc >= probe - 0.035, (acc, probe, used)
