@@ -3,7 +3,9 @@ builtin:mobilenetv2 -> builtin:lite-clip on 50,000 images: Imagenette train + CI
 + OpenMoji in both styles (22,741 images, the text-to-concept fit sets) + the first 27,259 Fashion-MNIST train
 images (the Debian package; rows to reach 50,000, as the speed issue asks). The time split of one ridge fit
 (statistics passes, penalty search: eigendecomposition and the rest, final solve, held-out metrics) comes from
-cProfile. Writes benchmarks/results/align_speed.json.
+cProfile. The machine's fp32 GEMM peak (measured as `embed_speed.py` does) gives the floor of ridge's two GEMM parts:
+the statistics (X₁ᵀX₁ by SYRK, n·d₁² flops, plus X₁ᵀY, 2·n·d₁·k) and the held-out transform (2·n·d·k): what any
+exact fp32 ridge fit must spend, so the SGD time over it caps the speed-up. Writes benchmarks/results/align_speed.json.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import pstats
 import time
 
 import numpy as np
+import torch
 
 from common import save, table_text
 from conceptlens.concepts.align import Aligner
@@ -19,6 +22,7 @@ from text_to_concept import FIT, feats
 from conceptlens.data import load_dataset
 from conceptlens.features import embed
 from conceptlens.models import load_model
+from embed_speed import gemm_gflops
 
 ROWS = 50_000
 
@@ -47,13 +51,23 @@ def main() -> None:
                                    ("eigendecomposition", "eigh", "linalg"), ("final_solve", "_ridge_solve", "align"),
                                    ("heldout_metrics", "_evaluate", "align"), ("total", "fit", "align"))}
     split["penalty_search_rest"] = split["total"] - sum(v for k, v in split.items() if k != "total")
-    out = {"n_images": int(len(Xs)), "methods": res, "ridge_time_split_s": split,
+    peak = gemm_gflops(torch.float32)
+    n_tr, n_ho, (d, k) = res["ridge"]["n_train"], res["ridge"]["n_heldout"], (Xs.shape[1], Xt.shape[1])
+    floors = {"statistics": (n_tr * (d + 1) ** 2 + 2 * n_tr * (d + 1) * k) / peak / 1e9,
+              "heldout_transform": 2 * n_ho * d * k / peak / 1e9}
+    roof = {"gemm_gflops_fp32": peak, "floor_s": floors,
+            "statistics_fraction_of_roofline": floors["statistics"] / split["statistics"],
+            "speedup_cap_statistics_only": res["sgd"]["seconds"] / floors["statistics"],
+            "speedup_cap_gemm_floors": res["sgd"]["seconds"] / sum(floors.values())}
+    out = {"n_images": int(len(Xs)), "methods": res, "ridge_time_split_s": split, "roofline": roof,
            "ridge_speedup_vs_sgd": res["sgd"]["seconds"] / res["ridge"]["seconds"],
            "ridge_r2_minus_sgd_r2": res["ridge"]["r2"] - res["sgd"]["r2"]}
     print(table_text([["method", "seconds", "held-out R2", "cosine"]] +
                      [[m, f"{r['seconds']:.2f}", f"{r['r2']:.4f}", f"{r['cosine']:.4f}"] for m, r in res.items()]))
     print(f"ridge speed-up vs sgd: {out['ridge_speedup_vs_sgd']:.1f}x (target >= 10x); ridge split (s): "
           + ", ".join(f"{k} {v:.2f}" for k, v in split.items()))
+    print(f"fp32 GEMM peak {peak:.0f} GFLOP/s: statistics at {roof['statistics_fraction_of_roofline']:.0%} of it; "
+          f"speed-up cap with only the GEMM floors spent {roof['speedup_cap_gemm_floors']:.1f}x")
     save("align_speed", out)
 
 
