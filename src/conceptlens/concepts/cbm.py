@@ -20,6 +20,14 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
     return e / e.sum(1, keepdims=True)
 
 
+def _cross_entropy(logits: np.ndarray, Y: np.ndarray) -> tuple[float, np.ndarray]:
+    """Mean multinomial cross-entropy against one-hot Y (log-sum-exp stabilised) and the softmax, from one exp."""
+    m = logits.max(1, keepdims=True)
+    e = np.exp(logits - m)
+    s = e.sum(1, keepdims=True)
+    return float(np.mean(np.log(s) + m - (logits * Y).sum(1, keepdims=True), dtype=np.float64)), e / s
+
+
 def l1_logistic(Z: np.ndarray, Y: np.ndarray, lam: float, W: np.ndarray | None = None, b: np.ndarray | None = None,
                 tol: float = 1e-5, max_iter: int = 5000, L: float | None = None) -> tuple[np.ndarray, np.ndarray, int]:
     """Minimise mean multinomial cross-entropy + lam * ||W||_1 (intercept unpenalised) by FISTA with backtracking and
@@ -38,19 +46,13 @@ def l1_logistic(Z: np.ndarray, Y: np.ndarray, lam: float, W: np.ndarray | None =
 
     last: list = [None, 0.0]  # fista asks for the value where it just took the gradient: computed there, once
 
-    def cross_entropy(logits: np.ndarray) -> tuple[float, np.ndarray]:  # (mean loss, softmax), log-sum-exp stabilised
-        m = logits.max(1, keepdims=True)
-        e = np.exp(logits - m)
-        s = e.sum(1, keepdims=True)
-        return float(np.mean(np.log(s) + m - (logits * Y).sum(1, keepdims=True), dtype=np.float64)), e / s
-
     def grad(v):
-        last[0], (last[1], P) = v, cross_entropy(Z @ v[0] + v[1])
+        last[0], (last[1], P) = v, _cross_entropy(Z @ v[0] + v[1], Y)
         R = (P - Y) / n
         return [Z.T @ R, R.sum(0)]
 
     def value(v) -> float:
-        return last[1] if v is last[0] else cross_entropy(Z @ v[0] + v[1])[0]
+        return last[1] if v is last[0] else _cross_entropy(Z @ v[0] + v[1], Y)[0]
 
     def prox(v, step):  # soft-threshold the weights; the intercept is free
         return [np.sign(v[0]) * np.maximum(np.abs(v[0]) - step * lam, 0.0), v[1]]
@@ -76,8 +78,8 @@ def relaxed_logistic(Z: np.ndarray, Y: np.ndarray, mask: np.ndarray, W: np.ndarr
 
     def f(x):
         Ws, bb = unpack(x)
-        P = _softmax(Zs @ Ws + bb)
-        loss = -np.log(np.maximum((P * Y).sum(1), 1e-300)).mean() + 0.5 * l2 * (Ws ** 2).sum()
+        loss, P = _cross_entropy(Zs @ Ws + bb, Y)
+        loss += 0.5 * l2 * (Ws ** 2).sum()
         R = (P - Y) / n
         return loss, np.concatenate([(Zs.T @ R + l2 * Ws)[M], R.sum(0)])
 
@@ -190,7 +192,8 @@ class ConceptBottleneck(ClassifierMixin, BaseEstimator):
         cut = int(0.8 * len(Z))
         tr, va = perm[:cut], perm[cut:]
         Ztr, Ytr, L = Z[tr], Y[tr], lipschitz(Z[tr])  # indexed once: every path point reads them
-        Ztr32 = Ztr.astype(np.float32)  # path points only rank penalties: float32 steps, half the time
+        Z32 = Z.astype(np.float32)  # L1 fits in float32 (half the time a step; the relaxed refit is float64)
+        Ztr32 = Z32[tr]
         path: dict[float, tuple] = {}  # C -> (held-out accuracy, relaxed?, L1 weights, intercept)
 
         def held(W, b) -> float:
@@ -199,9 +202,10 @@ class ConceptBottleneck(ClassifierMixin, BaseEstimator):
         def point(C: float, W, b) -> None:
             W, b, _ = self._l1(Ztr32, Ytr, C, W, b, L)
             M = top_per_class(W, self.max_concepts)
-            acc, relaxed = held(np.where(M, W, 0), b), False
+            Wt = np.where(M, W, 0)
+            acc, relaxed = held(Wt, b), False
             if self.relax:  # the refit is kept where it scores better than the thresholded L1 weights
-                acc_r = held(*relaxed_logistic(Ztr, Ytr, M, np.where(M, W, 0), b, self.l2))
+                acc_r = held(*relaxed_logistic(Ztr, Ytr, M, Wt, b, self.l2))
                 relaxed, acc = acc_r > acc, max(acc, acc_r)
             path[C] = (acc, relaxed, W, b)
 
@@ -222,7 +226,7 @@ class ConceptBottleneck(ClassifierMixin, BaseEstimator):
                 point(mid, *path[min(path, key=lambda k: abs(np.log(k / mid)))][2:])
         self.C_ = best()
         _, self.relaxed_, W, b = path[self.C_]
-        W, b, self.n_iter_ = self._l1(Z.astype(np.float32), Y, self.C_, W, b, lipschitz(Z), final=True)
+        W, b, self.n_iter_ = self._l1(Z32, Y, self.C_, W, b, lipschitz(Z), final=True)
         M = top_per_class(W, self.max_concepts)
         W = np.where(M, W, 0)
         if self.relaxed_:
