@@ -35,7 +35,7 @@ def test_every_method_recovers_a_known_map(method, orth):
     assert al.metrics_["r2"] > 0.999 and al.metrics_["cosine"] > 0.999
 
 
-def test_ridge_equals_numpy_least_squares_and_streaming_equals_in_memory(monkeypatch):
+def test_ridge_equals_numpy_least_squares_and_streaming_equals_in_memory(monkeypatch, tmp_path):
     X, Y, _, _ = synthetic(n=3000, noise=0.3)
     al = Aligner("ridge", alphas=[0.0]).fit(X, Y)
     tr = al.train_rows_
@@ -46,6 +46,10 @@ def test_ridge_equals_numpy_least_squares_and_streaming_equals_in_memory(monkeyp
     al2 = Aligner("ridge", alphas=[0.0]).fit(X, Y)
     assert np.abs(al.W_ - al2.W_).max() < 1e-5
     assert abs(al.metrics_["r2"] - al2.metrics_["r2"]) < 1e-6  # chunk products are float32 BLAS
+    np.save(tmp_path / "x.npy", X), np.save(tmp_path / "y.npy", Y)  # rows gathered from memmaps: the same fit
+    Xm, Ym = (np.load(tmp_path / f, mmap_mode="r") for f in ("x.npy", "y.npy"))
+    al3 = Aligner("ridge", alphas=[0.0]).fit(Xm, Ym)
+    assert np.array_equal(al2.W_, al3.W_) and np.array_equal(al2.b_, al3.b_)
     # held-out R² from statistics equals R² computed from predictions
     ho = al.heldout_rows_
     pred = al.transform(X[ho])

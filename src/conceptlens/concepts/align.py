@@ -43,13 +43,14 @@ def check_finite(name: str, X) -> None:
             raise ConceptlensError(f"{name} contains NaN or inf values (rows {i}..{min(i + CHUNK, len(X)) - 1})")
 
 
-def _products(x1: np.ndarray, y: np.ndarray, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
-    """X₁ᵀX₁ and X₁ᵀY of a float32 chunk, X₁ = [X | 1] (the ones column makes the row sums fall out of the same
-    GEMMs): numpy BLAS on the CPU (`x.T @ x` is one SYRK, half a GEMM's work), torch on an accelerator."""
+def _products(x: np.ndarray, y: np.ndarray, device: torch.device) -> tuple[np.ndarray, ...]:
+    """XᵀX, XᵀY and the column sums of a float32 chunk: numpy BLAS on the CPU (`x.T @ x` is one SYRK, half a GEMM's
+    work; the sums are two GEMVs, no float64 reduction passes), torch on an accelerator."""
     if device.type == "cpu":
-        return x1.T @ x1, x1.T @ y
-    tx, ty = to_device(torch.from_numpy(x1), device), to_device(torch.from_numpy(y), device)
-    return (tx.T @ tx).cpu().numpy(), (tx.T @ ty).cpu().numpy()
+        ones = np.ones(len(x), np.float32)
+        return x.T @ x, x.T @ y, ones @ x, ones @ y
+    tx, ty = to_device(torch.from_numpy(x), device), to_device(torch.from_numpy(y), device)
+    return tuple(t.cpu().numpy() for t in (tx.T @ tx, tx.T @ ty, tx.sum(0), ty.sum(0)))
 
 
 class Stats:
@@ -61,15 +62,14 @@ class Stats:
         self.sx, self.sy = np.zeros(dx), np.zeros(dy)
         self.xx, self.xy, self.yy = np.zeros((dx, dx)), np.zeros((dx, dy)), np.zeros(dy)
 
-    def add(self, x1: np.ndarray, y: np.ndarray) -> "Stats":
-        """Add a chunk: x1 = [X | 1] and Y, float32; products in float32 BLAS (2x faster), sums kept in float64."""
-        dx = len(self.sx)
+    def add(self, x: np.ndarray, y: np.ndarray) -> "Stats":
+        """Add a chunk of float32 rows: products in float32 BLAS (2x faster), sums kept in float64."""
         self.n += len(y)
-        xx1, xy1 = _products(x1, y, self.device)
-        self.xx += xx1[:dx, :dx]
-        self.sx += xx1[dx, :dx]
-        self.xy += xy1[:dx]
-        self.sy += xy1[dx]
+        xx, xy, sx, sy = _products(x, y, self.device)
+        self.xx += xx
+        self.xy += xy
+        self.sx += sx
+        self.sy += sy
         self.yy += np.einsum("ij,ij->j", y, y)
         return self
 
@@ -88,17 +88,18 @@ class Stats:
 
 
 def _stats(X, Y, rows: np.ndarray, device: torch.device | None = None) -> Stats:
-    """Statistics of X[rows], Y[rows] (arrays or memmaps), gathered chunk by chunk into two reused buffers."""
+    """Statistics of X[rows], Y[rows] (arrays or memmaps), gathered chunk by chunk into two reused contiguous
+    buffers (`np.take` into them: 3x faster than fancy indexing, which makes a fresh array for every chunk)."""
     dx, dy = X.shape[1], Y.shape[1]
     st = Stats(dx, dy, device)
     k = min(CHUNK, len(rows))
-    bx, by = np.empty((k, dx + 1), np.float32), np.empty((k, dy), np.float32)
-    bx[:, dx] = 1
+    bx, by = np.empty((k, dx), np.float32), np.empty((k, dy), np.float32)
     for i in range(0, len(rows), CHUNK):
         r = np.sort(rows[i:i + CHUNK])
-        x1, y = bx[:len(r)], by[:len(r)]
-        x1[:, :dx], y[:] = X[r], Y[r]
-        st.add(x1, y)
+        x, y = bx[:len(r)], by[:len(r)]
+        np.take(X, r, axis=0, out=x, mode="clip")  # rows are valid indices: "clip" skips take's checking copy
+        np.take(Y, r, axis=0, out=y, mode="clip")
+        st.add(x, y)
     return st
 
 
