@@ -50,6 +50,9 @@ def test_ridge_equals_numpy_least_squares_and_streaming_equals_in_memory(monkeyp
     Xm, Ym = (np.load(tmp_path / f, mmap_mode="r") for f in ("x.npy", "y.npy"))
     al3 = Aligner("ridge", alphas=[0.0]).fit(Xm, Ym)
     assert np.array_equal(al2.W_, al3.W_) and np.array_equal(al2.b_, al3.b_)
+    for dt in (np.float64, np.float16):  # other dtypes are gathered as float32: the fit of the float32 copy
+        a, b = (Aligner("ridge", alphas=[0.0]).fit(Z.astype(dt), Y) for Z in (X, X.astype(dt).astype(np.float32)))
+        assert np.array_equal(a.W_, b.W_)
     # held-out R² from statistics equals R² computed from predictions
     ho = al.heldout_rows_
     pred = al.transform(X[ho])

@@ -97,10 +97,19 @@ def _stats(X, Y, rows: np.ndarray, device: torch.device | None = None) -> Stats:
     for i in range(0, len(rows), CHUNK):
         r = np.sort(rows[i:i + CHUNK])
         x, y = bx[:len(r)], by[:len(r)]
-        np.take(X, r, axis=0, out=x, mode="clip")  # rows are valid indices: "clip" skips take's checking copy
-        np.take(Y, r, axis=0, out=y, mode="clip")
+        _gather(X, r, x)
+        _gather(Y, r, y)
         st.add(x, y)
     return st
+
+
+def _gather(A, rows: np.ndarray, out: np.ndarray) -> None:
+    """out[:] = A[rows] as float32 (`np.take` straight into `out` where A is float32; "clip": the rows are valid, and
+    take's default mode would copy through a buffer)."""
+    if A.dtype == np.float32:
+        np.take(A, rows, axis=0, out=out, mode="clip")
+    else:
+        out[:] = A[rows]
 
 
 def r2(sse, sy: np.ndarray, syy, n: int) -> float:
