@@ -113,7 +113,8 @@ def test_cbm_is_sparse_and_accurate_on_separable_concepts():
 def test_l1_logistic_matches_scikit_learn_saga(C):
     """Parity: our FISTA solver reaches scikit-learn's L1 multinomial objective (SAGA run to a tight tolerance)."""
     from sklearn.linear_model import LogisticRegression
-    from conceptlens.concepts.cbm import _softmax, l1_logistic
+    from scipy.special import softmax
+    from conceptlens.concepts.cbm import l1_logistic
     rng = np.random.default_rng(1)
     Z = rng.normal(size=(300, 10)) @ rng.normal(size=(10, 60)) + 0.3 * rng.normal(size=(300, 60))
     Z = (Z - Z.mean(0)) / Z.std(0)
@@ -123,12 +124,12 @@ def test_l1_logistic_matches_scikit_learn_saga(C):
     ref = LogisticRegression(l1_ratio=1.0, C=C, solver="saga", tol=1e-9, max_iter=50000).fit(Z, y)
 
     def objective(W, b):
-        return -np.log(_softmax(Z @ W + b)[np.arange(len(Z)), y]).mean() + lam * np.abs(W).sum()
+        return -np.log(softmax(Z @ W + b, axis=1)[np.arange(len(Z)), y]).mean() + lam * np.abs(W).sum()
 
     assert it < 50000
     assert objective(W, b) <= objective(ref.coef_.T, ref.intercept_) + 1e-7
     # the L1 multinomial minimiser need not be unique; its predicted probabilities are
-    assert np.abs(_softmax(Z @ W + b) - ref.predict_proba(Z)).max() < 1e-3
+    assert np.abs(softmax(Z @ W + b, axis=1) - ref.predict_proba(Z)).max() < 1e-3
     assert ((W != 0) == (ref.coef_.T != 0)).mean() > 0.95
 
 
@@ -211,7 +212,8 @@ def test_path_points_converge_under_weak_penalties():
     """A path point warm-started from a stronger penalty: with a tolerance relative to the weights alone it stopped
     after one step with ~1,260 barely non-zero weights (the optimum has ~730); bounded by the penalty's own step it
     reaches the tightly solved objective."""
-    from conceptlens.concepts.cbm import _softmax, l1_logistic, lipschitz
+    from scipy.special import softmax
+    from conceptlens.concepts.cbm import l1_logistic, lipschitz
     rng = np.random.default_rng(0)
     Z = rng.normal(size=(2000, 8)) @ rng.normal(size=(8, 300)) + 0.5 * rng.normal(size=(2000, 300))
     Z = (Z + 2 * rng.normal(size=(2000, 1)) - Z.mean(0)) / Z.std(0)  # correlated concepts, as cosines are
@@ -224,7 +226,7 @@ def test_path_points_converge_under_weak_penalties():
     Wt, bt, _ = l1_logistic(Z, Y, lam, tol=1e-6, max_iter=50000, L=L)
 
     def objective(W, b):
-        return -np.log(_softmax(Z @ W + b)[np.arange(len(Z)), y]).mean() + lam * np.abs(W).sum()
+        return -np.log(softmax(Z @ W + b, axis=1)[np.arange(len(Z)), y]).mean() + lam * np.abs(W).sum()
 
     assert objective(W, b) - objective(Wt, bt) < 0.005
     assert (W != 0).sum() < 1.3 * (Wt != 0).sum()

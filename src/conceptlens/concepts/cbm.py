@@ -15,11 +15,6 @@ from .prox import fista
 from .vocab import activations, concept_matrix
 
 
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    e = np.exp(logits - logits.max(1, keepdims=True))
-    return e / e.sum(1, keepdims=True)
-
-
 def _cross_entropy(logits: np.ndarray, Y: np.ndarray) -> tuple[float, np.ndarray]:
     """Mean multinomial cross-entropy against one-hot Y (log-sum-exp stabilised) and the softmax, from one exp."""
     m = logits.max(1, keepdims=True)
@@ -192,12 +187,13 @@ class ConceptBottleneck(ClassifierMixin, BaseEstimator):
         cut = int(0.8 * len(Z))
         tr, va = perm[:cut], perm[cut:]
         Ztr, Ytr, L = Z[tr], Y[tr], lipschitz(Z[tr])  # indexed once: every path point reads them
+        Zva, yva = Z[va], yi[va]
         Z32 = Z.astype(np.float32)  # L1 fits in float32 (half the time a step; the relaxed refit is float64)
         Ztr32 = Z32[tr]
         path: dict[float, tuple] = {}  # C -> (held-out accuracy, relaxed?, L1 weights, intercept)
 
         def held(W, b) -> float:
-            return float(((Z[va] @ W + b).argmax(1) == yi[va]).mean())
+            return float(((Zva @ W + b).argmax(1) == yva).mean())
 
         def point(C: float, W, b) -> None:
             W, b, _ = self._l1(Ztr32, Ytr, C, W, b, L)
