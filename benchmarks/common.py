@@ -1,9 +1,11 @@
 """Shared helpers for benchmarks: results folder, machine description, table printing."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
+import subprocess
 import sys
 from pathlib import Path
 
@@ -14,7 +16,11 @@ from conceptlens.runtime import resolve_precision  # noqa: E402
 from conceptlens.report import table_text  # noqa: E402
 from conceptlens.io import atomic_write_json, shared_dir  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+ROOT, PACKAGE = HERE.parent, HERE.parent / "src" / "conceptlens"
+# benchmarks whose work runs in child processes (the CLI, Ray workers): their code is the whole package
+CHILD_PROCESSES = {"startup", "cli_timings", "embed_memory", "reliability", "scale"}
 
 
 def cpu_model() -> str:
@@ -45,12 +51,42 @@ def concat(fs: list, name: str):
                     [f"{f.dataset}/{k}" for f in fs for k in f.keys], fs[0].classnames, [], fs[0].model, name)
 
 
+def file_digest(path: Path) -> str:
+    return hashlib.blake2b(path.read_bytes(), digest_size=8).hexdigest()
+
+
+def ran_files(name: str) -> list[Path]:
+    """The code a result came from: the benchmark scripts this process loaded, the conceptlens modules it loaded
+    (the whole package where the work ran in child processes) and the shipped assets."""
+    loaded = {Path(f).resolve() for m in list(sys.modules.values()) if (f := getattr(m, "__file__", None))}
+    files = {f for f in loaded if f.parent == HERE} | {HERE / f"{name}.py", HERE / "common.py"}
+    if name in CHILD_PROCESSES:
+        files |= {f for f in PACKAGE.rglob("*") if f.is_file() and "__pycache__" not in f.parts}
+    else:
+        files |= {f for f in loaded if PACKAGE in f.parents}
+        files |= {f for f in (PACKAGE / "assets").rglob("*") if f.is_file()}
+    return sorted(f for f in files if f.is_file())
+
+
+def source(name: str) -> dict:
+    """Provenance of a result: the commit, whether the tree differed from it, and a digest of every file in
+    `ran_files` (benchmarks/stale.py compares them with today's files: a result whose code changed is stale)."""
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            return ""
+    changed = git("status", "--porcelain", "-uno", "--", "src", "benchmarks", ":!benchmarks/results")
+    return {"commit": git("rev-parse", "HEAD") or None, "dirty": bool(changed),
+            "files": {str(f.relative_to(ROOT)): file_digest(f) for f in ran_files(name)}}
+
+
 def save(name: str, obj: dict) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
-    atomic_write_json(path, obj | {"machine": machine()})
+    atomic_write_json(path, obj | {"machine": machine(), "source": source(name)})
     print(f"wrote {path}")
     return path
 
 
-__all__ = ["RESULTS", "SKETCHY", "concat", "machine", "save", "shared_dir", "table_text", "json"]
+__all__ = ["RESULTS", "SKETCHY", "file_digest", "source", "concat", "machine", "save", "shared_dir", "table_text", "json"]
