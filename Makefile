@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test test-slow lint bench clean-cache
+.PHONY: setup demo test test-slow lint bench bench-stale clean-cache
 
 setup: $(STAMP)
 
@@ -47,6 +47,9 @@ test-slow: setup  # heavy real-data floors (../shared): CI runs them after `make
 
 bench: setup
 	$(BIN)/python benchmarks/run_all.py
+
+bench-stale: setup  # which result files ran from code that has changed since (exit 1 if any)
+	$(BIN)/python benchmarks/stale.py
 
 clean-cache:
 	rm -rf $${CONCEPTLENS_CACHE:-$$HOME/.cache/conceptlens}
