@@ -51,15 +51,25 @@ def concat(fs: list, name: str):
                     [f"{f.dataset}/{k}" for f in fs for k in f.keys], fs[0].classnames, [], fs[0].model, name)
 
 
+INPUTS: set[Path] = set()  # files of the repository a result is computed from (other results, logs)
+
+
+def read_input(path: Path) -> str:
+    """The text of a file this result is computed from; recorded in its `source` like the code that ran."""
+    INPUTS.add(Path(path).resolve())
+    return Path(path).read_text()
+
+
 def file_digest(path: Path) -> str:
     return hashlib.blake2b(path.read_bytes(), digest_size=8).hexdigest()
 
 
 def ran_files(name: str) -> list[Path]:
-    """The code a result came from: the benchmark scripts this process loaded, the conceptlens modules it loaded
-    (the whole package where the work ran in child processes) and the shipped assets."""
+    """What a result came from: the benchmark scripts this process loaded, the conceptlens modules it loaded
+    (the whole package where the work ran in child processes), the shipped assets and its `read_input` files."""
     loaded = {Path(f).resolve() for m in list(sys.modules.values()) if (f := getattr(m, "__file__", None))}
     files = {f for f in loaded if f.parent == HERE} | {HERE / f"{name}.py", HERE / "common.py"}
+    files |= {f for f in INPUTS if ROOT in f.parents}
     if name in CHILD_PROCESSES:
         files |= {f for f in PACKAGE.rglob("*") if f.is_file() and "__pycache__" not in f.parts}
     else:
@@ -89,4 +99,5 @@ def save(name: str, obj: dict) -> Path:
     return path
 
 
-__all__ = ["RESULTS", "SKETCHY", "file_digest", "source", "concat", "machine", "save", "shared_dir", "table_text", "json"]
+__all__ = ["RESULTS", "SKETCHY", "concat", "file_digest", "json", "machine", "read_input", "save", "shared_dir", "source",
+           "table_text"]

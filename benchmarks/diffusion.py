@@ -25,7 +25,7 @@ import time
 import numpy as np
 import torch
 
-from common import RESULTS, save, shared_dir, table_text
+from common import RESULTS, read_input, save, shared_dir, table_text
 from conceptlens.eval import zeroshot
 from conceptlens.data import load_dataset
 from conceptlens.diffusion.classifier import PRESETS, DiffusionClassifier, default_templates, image_tensors
@@ -47,7 +47,7 @@ os.environ.setdefault("CONCEPTLENS_TEXT_BACKEND", "torch")
 def chosen_window() -> tuple[float, float] | None:
     """The t_range diffusion_timesteps.py chose on train images (None before it has)."""
     path = RESULTS / "diffusion_timesteps.json"
-    chosen = ((json.loads(path.read_text()).get("halving") or {}).get("chosen_t_range")) if path.exists() else None
+    chosen = ((json.loads(read_input(path)).get("halving") or {}).get("chosen_t_range")) if path.exists() else None
     return tuple(chosen) if chosen else None
 
 
@@ -70,7 +70,7 @@ def read_log(sha: str, keys: list[str], clfs: dict) -> dict:
     timestep window is not this strategy's)."""
     done = {}
     if LOG.exists():
-        for ln in LOG.read_text().splitlines():
+        for ln in read_input(LOG).splitlines():
             r = json.loads(ln)
             clf = clfs.get(r["strategy"])
             if (r.get("model_sha") == sha and r["key"] in keys and clf is not None

@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-from pathlib import Path
 
-from common import save, table_text
+from common import RESULTS, read_input, save, table_text
 
-RESULTS = Path(__file__).resolve().parent / "results"
 LITE = ("models", "lite-clip (shipped recipe, gate-mixed)")
 
 # (row, source file, path into it, value when the issue was filed, goal, higher is better)
@@ -60,7 +58,7 @@ def main() -> None:
     out_rows, table = [], [["figure", "filed", "now", "goal", "met"]]
     for name, src, path, filed, goal in ROWS:
         f = RESULTS / f"{src}.json"
-        data = json.loads(f.read_text())
+        data = json.loads(read_input(f))
         v = diffusion_adaptive(data) if path is None else dig(data, path)
         now, std, runs = (v.get("mean", v.get("value")), v.get("std"), v.get("runs")) if isinstance(v, dict) else (v, None, None)
         lower = name.endswith("points")  # gap rows: smaller is better
@@ -71,7 +69,7 @@ def main() -> None:
                          **({k: v[k] for k in EXTRA if isinstance(v, dict) and k in v})})
         shown = f"{now:.3f}" + (f" ± {std:.3f}" if std is not None else "")
         table.append([name, f"{filed:g}", shown, f"{goal:g}", "yes" if met else "no"])
-    lc = json.loads((RESULTS / "lite_clip.json").read_text())
+    lc = json.loads(read_input(RESULTS / "lite_clip.json"))
     top5 = dig(lc, LITE + ("concepts", "diagnose_sketch_top5"))
     print(table_text(table))
     save("offline_quality", {"protocol": __doc__, "rows": out_rows, "diagnose_sketch_top5_per_seed": top5,

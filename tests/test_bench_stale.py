@@ -35,3 +35,13 @@ def test_a_fresh_source_record_is_current():
     src["files"]["src/conceptlens/concepts/align.py"] = "0" * 16
     row = stale.check("align_speed", {"source": src})
     assert row["status"] == "stale" and row["changed"] == ["src/conceptlens/concepts/align.py"]
+
+
+def test_a_result_read_as_input_is_recorded():
+    _stale()  # puts benchmarks/common.py in sys.modules
+    import common
+    common.read_input(common.RESULTS / "lite_clip.json")
+    try:
+        assert "benchmarks/results/lite_clip.json" in common.source("offline_quality")["files"]
+    finally:
+        common.INPUTS.clear()
