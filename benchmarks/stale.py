@@ -1,7 +1,7 @@
 """Which result files are stale? A result is stale when a file it ran from has changed since it was measured
 (regenerate a result whenever what it measures changes: a stale file is a false claim).
 
-Results written since provenance is recorded carry `source.files` (common.source): a digest of each file that
+Results written since provenance is recorded carry `source.files` (provenance.source): a digest of each file that
 ran. They are `current` or `stale` (with the changed or removed files). Older results carry none: the commit
 that last wrote the file stands in for their code, and the package and benchmark files changed since that
 commit are listed as `unrecorded` (a person judges those; rerunning the benchmark records its source).
@@ -15,7 +15,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from common import RESULTS, ROOT, file_digest, table_text
+from common import table_text
+from provenance import RESULTS, ROOT, file_digest
 
 
 def changed_files(recorded: dict[str, str], root: Path = ROOT) -> list[str]:
