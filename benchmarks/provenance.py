@@ -43,14 +43,17 @@ def ran_files(name: str) -> list[Path]:
     return sorted(f for f in files if f.is_file())
 
 
+def git(*args: str) -> str:
+    """Output of a git command in the repository; empty where git or the repository is missing."""
+    try:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return ""
+
+
 def source(name: str) -> dict:
     """Provenance of a result: the commit, whether the tree differed from it, and a digest of every file in
     `ran_files` (benchmarks/stale.py compares them with today's files: a result whose code changed is stale)."""
-    def git(*args: str) -> str:
-        try:
-            return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
-        except (OSError, subprocess.CalledProcessError):
-            return ""
     changed = git("status", "--porcelain", "-uno", "--", "src", "benchmarks", ":!benchmarks/results")
     return {"commit": git("rev-parse", "HEAD") or None, "dirty": bool(changed),
             "files": {str(f.relative_to(ROOT)): file_digest(f) for f in ran_files(name)}}

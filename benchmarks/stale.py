@@ -11,22 +11,17 @@ is stale.
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 from common import table_text
-from provenance import RESULTS, ROOT, file_digest
+from provenance import RESULTS, ROOT, file_digest, git
 
 
 def changed_files(recorded: dict[str, str], root: Path = ROOT) -> list[str]:
     """Files whose digest differs from the recorded one, or that are gone."""
     return sorted(rel for rel, digest in recorded.items()
                   if not (root / rel).is_file() or file_digest(root / rel) != digest)
-
-
-def _git(*args: str) -> str:
-    return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
 
 
 def check(name: str, data: dict) -> dict:
@@ -36,9 +31,9 @@ def check(name: str, data: dict) -> dict:
         changed = changed_files(src["files"])
         return {"name": name, "measured": (src.get("commit") or "?")[:8] + " (dirty)" * bool(src.get("dirty")),
                 "status": "stale" if changed else "current", "changed": changed}
-    commit = _git("log", "-1", "--format=%H", "--", str((RESULTS / f"{name}.json").relative_to(ROOT)))
+    commit = git("log", "-1", "--format=%H", "--", str((RESULTS / f"{name}.json").relative_to(ROOT)))
     paths = ["src/conceptlens", f"benchmarks/{name}.py", "benchmarks/common.py"]
-    changed = sorted(set(_git("diff", "--name-only", commit, "--", *paths).split())) if commit else []
+    changed = sorted(set(git("diff", "--name-only", commit, "--", *paths).split())) if commit else []
     return {"name": name, "measured": f"{commit[:8]} (file's commit)" if commit else "uncommitted",
             "status": "unrecorded", "changed": changed}
 
