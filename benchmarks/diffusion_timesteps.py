@@ -11,7 +11,9 @@ each candidate `t_range` in WINDOWS, paired against the full range: the window d
 uses is the best of these on this second dev set, and is chosen before any test image is scored with it.
 DEV_N images (default 96), S samples (default 64); DEV_SHARD=i/k splits images over k processes (each appends
 to its own log in the cache, so an interrupted run resumes); DEV_PHASE=matrix|halving|both (default both);
-DEV_REPORT=1 only writes the report. Writes benchmarks/results/diffusion_timesteps.json + a plot.
+DEV_REPORT=1 only writes the report, and refuses to replace the committed study with one over fewer images (the
+logs stay in the cache of the machine that ran each shard; DEV_FORCE=1 overrides). Writes
+benchmarks/results/diffusion_timesteps.json + a plot.
 """
 from __future__ import annotations
 
@@ -131,11 +133,26 @@ def halving_report(rows: list[dict]) -> dict:
     return {"dev_set": DEV2, "n_images": len(keys), "budget": BUDGET, "windows": out, "chosen_t_range": best["t_range"]}
 
 
+def keep_more_images(res: dict) -> None:
+    """Refuse to replace the committed study with one over fewer images (the logs live in the cache of the machine
+    that ran each shard, so a report written elsewhere may see only some of them); DEV_FORCE=1 overrides."""
+    path = RESULTS / "diffusion_timesteps.json"
+    if os.environ.get("DEV_FORCE") == "1" or not path.exists():
+        return
+    old = json.loads(path.read_text())
+    for part in ("matrix", "halving"):
+        had, now = (old.get(part) or {}).get("n_images", 0), (res.get(part) or {}).get("n_images", 0)
+        if now < had:
+            raise SystemExit(f"the logs here cover {now} of the {had} {part} images in {path.name} (the other shards "
+                             "ran elsewhere): not overwriting it; run the missing shards or set DEV_FORCE=1")
+
+
 def report(sha: str, T: int) -> None:
     mat, hal = read_logs(sha, "matrix"), read_logs(sha, "halving")
     if not mat and not hal:
         raise SystemExit("no dev image scored yet: run the study first")
     res = {"matrix": matrix_report(mat, T) if mat else None, "halving": halving_report(hal) if hal else None}
+    keep_more_images(res)
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
