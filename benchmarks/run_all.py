@@ -1,4 +1,5 @@
-"""`make bench`: every benchmark in turn; each prints a table and writes benchmarks/results/NAME.json."""
+"""`make bench`: every benchmark in turn; each prints a table and writes benchmarks/results/NAME.json; then which
+result files are stale (stale.py)."""
 import runpy
 import sys
 from pathlib import Path
@@ -14,6 +15,9 @@ def main() -> None:
     for name in NAMES:
         print(f"\n=== {name} ===")
         runpy.run_path(str(HERE / f"{name}.py"), run_name="__main__")
+    print("\n=== stale results ===")
+    import stale
+    sys.exit(stale.main([]))
 
 
 if __name__ == "__main__":
