@@ -27,9 +27,9 @@ def test_recorded_files_decide_current_or_stale(tmp_path):
 
 def test_a_fresh_source_record_is_current():
     stale = _stale()
-    import provenance as common
+    import provenance
     import conceptlens.concepts.align  # noqa: F401 - a module the "benchmark" ran
-    src = common.source("align_speed")
+    src = provenance.source("align_speed")
     assert "benchmarks/align_speed.py" in src["files"] and "src/conceptlens/concepts/align.py" in src["files"]
     assert stale.check("align_speed", {"source": src})["status"] == "current"
     src["files"]["src/conceptlens/concepts/align.py"] = "0" * 16
@@ -38,10 +38,10 @@ def test_a_fresh_source_record_is_current():
 
 
 def test_a_result_read_as_input_is_recorded():
-    _stale()  # puts benchmarks/common.py in sys.modules
-    import provenance as common
-    common.read_input(common.RESULTS / "lite_clip.json")
+    _stale()  # puts benchmarks/provenance.py in sys.modules
+    import provenance
+    provenance.read_input(provenance.RESULTS / "lite_clip.json")
     try:
-        assert "benchmarks/results/lite_clip.json" in common.source("offline_quality")["files"]
+        assert "benchmarks/results/lite_clip.json" in provenance.source("offline_quality")["files"]
     finally:
-        common.INPUTS.clear()
+        provenance.INPUTS.clear()
