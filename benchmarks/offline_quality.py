@@ -1,13 +1,12 @@
 """Issue 18's table in one file: every offline-quality figure of the shipped embedded models beside the value the
-issue was filed with, its goal, and the result file (and sha256) it comes from. Run it after the benchmarks it
-reads (`make bench` runs it last); it computes nothing itself, so it can never disagree with them.
+issue was filed with, its goal, and the result file it comes from (that file's digest is in `source.files`). Run it
+after the benchmarks it reads (`make bench` runs it last); it computes nothing itself, so it can never disagree.
 
 Rows measured over 5 seeds of the shipped recipe (lite_clip.json) carry mean ± std; the others are measured on the
 shipped weights (the seed-0 build) by their own benchmarks. Writes benchmarks/results/offline_quality.json.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 
 from common import RESULTS, read_input, save, table_text
@@ -65,7 +64,6 @@ def main() -> None:
         met = now <= goal if lower else now >= goal
         out_rows.append({"figure": name, "filed": filed, "now": now, "std": std, "runs": runs, "goal": goal,
                          "lower_is_better": lower, "met": bool(met), "source": f"benchmarks/results/{src}.json",
-                         "source_sha256": hashlib.sha256(f.read_bytes()).hexdigest()[:16],
                          **({k: v[k] for k in EXTRA if isinstance(v, dict) and k in v})})
         shown = f"{now:.3f}" + (f" ± {std:.3f}" if std is not None else "")
         table.append([name, f"{filed:g}", shown, f"{goal:g}", "yes" if met else "no"])
