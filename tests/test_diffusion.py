@@ -133,6 +133,49 @@ def test_training_resumes_exactly(tmp_path, cifar_like):
     assert res["step"] == 1
 
 
+def test_min_snr_weighting():
+    """Hang et al.'s weight min(SNR, γ)/SNR: 1 at high noise (SNR ≤ γ), γ/SNR at low noise; a huge γ is the plain MSE."""
+    import torch.nn.functional as F
+
+    from conceptlens.train.diffusion import epsilon_loss
+    pred, noise = torch.randn(3, 12, 4, 4), torch.randn(3, 12, 4, 4)
+    alpha_bar = torch.tensor([0.5, 0.99, 1e-9])  # SNR 1, 99, ~0
+    per = (pred - noise).pow(2).flatten(1).mean(1)
+    assert torch.allclose(epsilon_loss(pred, noise, alpha_bar, 5.0), (per * torch.tensor([1, 5 / 99, 1])).mean())
+    assert torch.allclose(epsilon_loss(pred, noise, alpha_bar, 1e9), F.mse_loss(pred, noise))
+    assert torch.equal(epsilon_loss(pred, noise, alpha_bar, None), F.mse_loss(pred, noise))
+
+
+def test_train_diffusion_further(tmp_path, cifar_like):
+    """--init: a run that starts from exported weights begins at them (step 0's EMA is those weights) and counts
+    their steps in its export; resuming it with other init weights is refused."""
+    from safetensors.torch import load_file
+
+    from conceptlens.models.denoisers import load_tiny_diffusion
+    from conceptlens.train.diffusion import train_diffusion
+    kw = dict(batch_size=4, ckpt_every=1, threads=1)
+    train_diffusion(str(cifar_like), tmp_path / "a", steps=3, export=tmp_path / "a.safetensors", **kw)
+    first = load_file(str(tmp_path / "a.safetensors"))
+    train_diffusion(str(cifar_like), tmp_path / "b", steps=2, init=str(tmp_path / "a.safetensors"),
+                    export=tmp_path / "b.safetensors", ema_decay=1.0, **kw)
+    ema = load_file(str(tmp_path / "b.safetensors"))  # decay 1: the EMA never moves from where it started
+    assert all(torch.equal(ema[k], first[k]) for k in first)
+    meta = load_tiny_diffusion(str(tmp_path / "b.safetensors")).meta
+    assert meta["step"] == 2 and meta["total_step"] == 5 and meta["train_config"]["init"]["step"] == 3
+    unet = {k[5:]: v for k, v in load_file(str(tmp_path / "b" / "checkpoint.safetensors")).items()
+            if k.startswith("unet.")}
+    assert any(not torch.equal(unet[k].half(), first[k]) for k in first)  # and the weights it trains did move
+    train_diffusion(str(cifar_like), tmp_path / "c", steps=1, export=tmp_path / "c.safetensors", **kw)
+    with pytest.raises(ConceptlensError, match="another run"):
+        train_diffusion(str(cifar_like), tmp_path / "b", steps=3, init=str(tmp_path / "c.safetensors"),
+                        ema_decay=1.0, **kw)
+    with pytest.raises(ConceptlensError, match="another run"):  # the loss weighting is part of the run too
+        train_diffusion(str(cifar_like), tmp_path / "b", steps=3, init=str(tmp_path / "a.safetensors"),
+                        ema_decay=1.0, min_snr=5.0, **kw)
+    with pytest.raises(ConceptlensError, match="γ must be positive"):
+        train_diffusion(str(cifar_like), tmp_path / "d", steps=1, min_snr=0.0, **kw)
+
+
 def test_embedded_model_cli_bad_input(tmp_path, image_folder, cifar_like, capsys):
     from conceptlens.cli import main
     assert main(["diffusion-classify", "--data", str(image_folder)]) == 2  # 40x48 images

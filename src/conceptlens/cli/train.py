@@ -30,6 +30,9 @@ def register(sub) -> None:
     p.add_argument("--steps", type=positive, default=6000, help="optimiser steps")
     p.add_argument("--batch-size", type=positive, default=64, help="images per step")
     p.add_argument("--lr", type=float, default=2e-4, help="AdamW learning rate")
+    p.add_argument("--init", help="start from these exported weights ('builtin': the shipped ones) to train them further")
+    p.add_argument("--min-snr", type=float, metavar="GAMMA",
+                   help="weight the noise error by min(SNR, GAMMA)/SNR (Hang et al. 2023; 5 in the paper); default: plain")
     _run_options(p, "model.safetensors")
     add_precision(p)
     p.set_defaults(func=train_diffusion)
@@ -101,10 +104,12 @@ def train_diffusion(a) -> None:
     res = run(a.data, Path(a.out), steps=a.steps, batch_size=a.batch_size, lr=a.lr, seed=a.seed, threads=a.threads,
               ckpt_every=a.ckpt_every, command=command_line(),
               export=_export(a, "model.safetensors"),
-              device=a.device, precision=a.precision, overwrite=a.overwrite)
+              device=a.device, precision=a.precision, overwrite=a.overwrite, init=a.init,
+              min_snr=a.min_snr)
     print(json.dumps(res, indent=2))
     history = _history(Path(a.out))
-    config = {k: getattr(a, k) for k in ("data", "steps", "batch_size", "lr", "seed", "ckpt_every", "device", "precision")}
+    config = {k: getattr(a, k) for k in ("data", "steps", "batch_size", "lr", "seed", "ckpt_every", "device", "precision",
+                                         "init", "min_snr")}
     prov = res["data"]
     _report("diffusion", Path(a.out), history, config, res, {"spec": prov["data"], "n_images": prov["n_images"],
                                                              "identity": prov["identity"]})

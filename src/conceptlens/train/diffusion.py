@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from ..data import load_dataset, to_arrays
 from ..errors import ConceptlensError
 from ..io import atomic_save_npy, cache_dir, digest, file_sha256, read_safetensors_meta
-from ..models.denoisers import SYNONYMS, TRAIN_TEMPLATES, TinyDiffusion, add_noise, export_weights
+from ..models.denoisers import SYNONYMS, TRAIN_TEMPLATES, TinyDiffusion, add_noise, export_weights, load_tiny_diffusion
 from ..runtime import autocast, resolve_device, resolve_precision, to_device
 from .checkpoint import load_checkpoint, save_checkpoint
 from .loop import finite, run_steps
@@ -47,6 +47,14 @@ def caption_bank(classnames: list[str]) -> tuple[list[str], np.ndarray]:
     return texts, np.asarray(owner)
 
 
+def epsilon_loss(pred: torch.Tensor, noise: torch.Tensor, alpha_bar: torch.Tensor, min_snr: float | None) -> torch.Tensor:
+    """ε-prediction MSE; with `min_snr` = γ each image's error is weighted by min(SNR, γ)/SNR, SNR = ᾱ/(1 − ᾱ)."""
+    if min_snr is None:
+        return F.mse_loss(pred, noise)
+    weight = (min_snr * (1 - alpha_bar) / alpha_bar).clamp(max=1.0)  # = min(SNR, γ)/SNR, finite where SNR is 0
+    return ((pred - noise).pow(2).flatten(1).mean(1) * weight).mean()
+
+
 def lr_at(step: int, base: float, warmup: int) -> float:
     return base * min(1.0, (step + 1) / warmup)
 
@@ -54,11 +62,18 @@ def lr_at(step: int, base: float, warmup: int) -> float:
 def train_diffusion(data: str, out: Path, steps: int = 6000, batch_size: int = 64, lr: float = 2e-4,
                     seed: int = 0, threads: int | None = None, ckpt_every: int = 100, cond_dropout: float = 0.1,
                     ema_decay: float = 0.9995, export: Path | None = None, command: str = "",
-                    device: str | torch.device = "cpu", precision: str = "auto", overwrite: bool = False) -> dict:
+                    device: str | torch.device = "cpu", precision: str = "auto", overwrite: bool = False,
+                    init: str | None = None, min_snr: float | None = None) -> dict:
     """Train (or resume) to `steps` on `device`; checkpoint every `ckpt_every` steps and on Ctrl-C/SIGTERM;
-    export EMA weights. All randomness is drawn on the CPU from (seed, step), so devices see the same batches."""
+    export EMA weights. All randomness is drawn on the CPU from (seed, step), so devices see the same batches.
+    `init`: start from exported denoiser weights (a file, or "builtin" for the shipped ones) instead of random ones,
+    e.g. to train the shipped denoiser further (a fresh AdamW, warmed up again). `min_snr`: weight each image's
+    noise error by min(SNR, γ)/SNR (Hang et al., "Efficient Diffusion Training via Min-SNR Weighting", ICCV 2023),
+    which damps the easy low-noise timesteps; None: the plain ε-MSE."""
     if steps < 1 or batch_size < 1 or ckpt_every < 1:
         raise ConceptlensError("steps, batch size and checkpoint interval must be positive")
+    if min_snr is not None and not min_snr > 0:
+        raise ConceptlensError(f"the min-SNR γ must be positive, got {min_snr}")
     dev = resolve_device(device)
     precision = resolve_precision(precision, dev)
     if overwrite:
@@ -69,20 +84,24 @@ def train_diffusion(data: str, out: Path, steps: int = 6000, batch_size: int = 6
         torch.set_num_threads(threads)
     try:
         return _train(data, Path(out), steps, batch_size, lr, seed, ckpt_every, cond_dropout, ema_decay, export, command,
-                      dev, precision)
+                      dev, precision, init, min_snr)
     finally:
         torch.set_num_threads(prev_threads)  # a notebook's thread setting survives the call
 
 
 def _train(data: str, out: Path, steps: int, batch_size: int, lr: float, seed: int, ckpt_every: int,
            cond_dropout: float, ema_decay: float, export: Path | None, command: str, dev: torch.device,
-           precision: str) -> dict:
+           precision: str, init: str | None, min_snr: float | None) -> dict:
     images, labels, classnames, prov = image_array(data)  # bad data fails before anything is written
+    start_from = load_tiny_diffusion(None if init == "builtin" else init) if init else None
     out.mkdir(parents=True, exist_ok=True)
     texts, owner = caption_bank(classnames)
     text_emb = TinyDiffusion.encode_prompts(texts).cpu()
     by_class = [np.flatnonzero(owner == c) for c in range(len(classnames))]
-    model = TinyDiffusion.from_config(seed).to(dev)
+    model = TinyDiffusion.from_config(seed)
+    if start_from is not None:
+        model.unet.load_state_dict(start_from.unet.state_dict())
+    model.to(dev)
     unet = model.unet.train()
     ema = copy.deepcopy(unet).eval().requires_grad_(False)
     opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
@@ -90,11 +109,16 @@ def _train(data: str, out: Path, steps: int, batch_size: int, lr: float, seed: i
     config = {"data": data, "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed,
               "cond_dropout": cond_dropout, "ema_decay": ema_decay, "data_provenance": prov,
               "device": dev.type, "precision": precision}
+    if min_snr is not None:
+        config["min_snr"] = min_snr
+    if start_from is not None:  # what it continues: that run's own config and step, and the file's digest
+        config["init"] = {"sha": start_from.meta["sha"], "train_config": start_from.meta.get("train_config"),
+                          "step": start_from.meta.get("total_step", start_from.meta.get("step"))}
     start = 0
     if ckpt.exists():
         meta = load_checkpoint(ckpt, {"unet": unet, "ema": ema}, opt)
-        same = ("batch_size", "lr", "seed", "cond_dropout", "ema_decay")
-        if {k: meta["config"].get(k) for k in same} != {k: config[k] for k in same} or \
+        same = ("batch_size", "lr", "seed", "cond_dropout", "ema_decay", "init", "min_snr")
+        if {k: meta["config"].get(k) for k in same} != {k: config.get(k) for k in same} or \
                 meta["config"].get("data_provenance", {}).get("identity") != prov["identity"]:
             raise ConceptlensError(f"{ckpt} belongs to another run (settings or data differ): use --overwrite to "
                                    "start again, or another --out")
@@ -127,13 +151,14 @@ def _train(data: str, out: Path, steps: int, batch_size: int, lr: float, seed: i
             group["lr"] = lr_at(step, lr, 500)
         with autocast(dev, precision):
             pred = unet(zt, t, cond[:, None, :], class_labels=cond).sample
-        loss = F.mse_loss(pred.float(), noise)
+        loss = epsilon_loss(pred.float(), noise, alphas[t], min_snr)
         value = finite(loss.item(), step)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
         opt.step()
-        decay = min(ema_decay, (1 + step) / (10 + step))
+        # the warm-up of the EMA forgets a random start; a trained start is kept
+        decay = ema_decay if start_from is not None else min(ema_decay, (1 + step) / (10 + step))
         with torch.no_grad():
             for pe, p in zip(ema.parameters(), unet.parameters()):
                 pe.lerp_(p, 1 - decay)
@@ -151,7 +176,9 @@ def export_from_checkpoint(ckpt: Path, path: Path) -> Path:
     meta = read_safetensors_meta(ckpt)
     model = TinyDiffusion.from_config(meta["config"]["seed"])
     load_checkpoint(ckpt, {"ema": model.unet})
+    init_steps = (meta["config"].get("init") or {}).get("step") or 0
     export_weights(model, Path(path), {"name": "builtin:tiny-diffusion-cifar10", "step": meta["step"],
+                                       "total_step": init_steps + meta["step"],
                                        "final_loss": meta["loss"], "train_config": meta["config"],
                                        "command": meta.get("command", "")})
     return Path(path)
