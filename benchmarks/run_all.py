@@ -7,7 +7,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 NAMES = ("startup", "scale", "device_check", "reliability", "cli_timings", "zeroshot_accuracy", "embed_speed",
          "text_speed", "embed_memory", "align_speed", "lite_clip", "text_to_concept", "decompose", "decode", "falcon",
-         "clip_training", "diffusion_batching", "diffusion_timesteps", "diffusion", "offline_quality")
+         "clip_training", "diffusion_batching", "diffusion_timesteps", "diffusion_training", "diffusion",
+         "offline_quality")
 
 
 def main() -> None:
