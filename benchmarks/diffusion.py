@@ -10,7 +10,9 @@ image) and appended to a JSONL log, so an interrupted run resumes where it stopp
 compares every strategy on the same images. DIFFUSION_N images (default 500); DIFFUSION_SHARD=i/k runs the
 images with index % k == i (start k processes to use k cores; `DIFFUSION_REPORT=1` only writes the report).
 The denoiser runs under DIFFUSION_PRECISION (default bf16 autocast, 2x faster on a CPU with native bf16; each log
-record names its precision); the first 20 images are also classified with `fixed` in fp32 to show that bf16 does
+record names its precision) on DIFFUSION_DEVICE (default cpu; e.g. cuda: records name a device other than the CPU,
+and the report gives each strategy's devices, since seconds per image are only comparable on one); the first 20
+images are also classified with `fixed` in fp32 to show that bf16 does
 not change predictions. DIFFUSION_ONLY=a,b runs only those strategies: on the images adaptive has done, or, when
 adaptive is one of them, on every image. The report gives each strategy over the images it has done and each
 difference to adaptive paired over the images both have.
@@ -40,6 +42,7 @@ FP32_CHECK = 20
 LOG = RESULTS / "diffusion_per_image.jsonl"
 PRECISION = os.environ.get("DIFFUSION_PRECISION", "bf16")  # the logged runs: bf16 on a CPU with native kernels
 ONLY = [s for s in os.environ.get("DIFFUSION_ONLY", "").split(",") if s]  # run only these strategies
+DEVICE = os.environ.get("DIFFUSION_DEVICE", "cpu")
 # the denoiser was trained, and the logged runs conditioned, on sentence-transformers' MiniLM embeddings
 os.environ.setdefault("CONCEPTLENS_TEXT_BACKEND", "torch")
 
@@ -95,6 +98,7 @@ def run(clfs: dict, x, y, keys, cond: torch.Tensor, sha: str) -> None:
                 o = clf.classify_one(x[i], cond, image_seed=i)
                 r = {"strategy": name, "key": keys[i], "label": int(y[i]), "pred": o["pred"], "evals": o["evals"],
                      "seconds": time.perf_counter() - t0, "model_sha": sha, "precision": clf.precision,
+                     **({"device": clf.model.device.type} if clf.model.device.type != "cpu" else {}),
                      **({"t_range": list(clf.t_range)} if tuple(clf.t_range) != (0.0, 1.0) else {})}
                 f.write(json.dumps(r) + "\n")
                 f.flush()
@@ -155,6 +159,7 @@ def report(clfs: dict, ds, keys, model, tmpl) -> None:
         print(f"{name} - adaptive on {len(both)} images: {g['minus_adaptive_acc1']:+.4f} "
               f"(95% CI {g['ci95'][0]:+.3f}..{g['ci95'][1]:+.3f}), evals ratio {g['evals_ratio']:.3f}")
     precisions = {n: sorted({done[(n, k)].get("precision", "bf16") for k in have[n]}) for n in names}
+    devices = {n: sorted({done[(n, k)].get("device", "cpu") for k in have[n]}) for n in names if have[n]}
     chk = [k for k in have["fixed"] if ("fixed_fp32", k) in done]
     agree = float(np.mean([done[("fixed_fp32", k)]["pred"] == done[("fixed", k)]["pred"] for k in chk])) if chk else None
     print(f"adaptive - lite-clip on {len(ad_ok)} images: {vs_lite['adaptive_minus_lite_clip_acc1']:+.4f} "
@@ -190,7 +195,8 @@ def report(clfs: dict, ds, keys, model, tmpl) -> None:
     meta = {k: model.meta.get(k) for k in ("step", "final_loss", "command", "sha")}
     save("diffusion", {"model": model.name, "model_meta": meta,
                        "n_images": len(have["adaptive"]), "n_images_planned": N, "images": have["adaptive"],
-                       "templates": tmpl, "precision_by_strategy": precisions, "strategies": out, "lite_clip_acc1": zs,
+                       "templates": tmpl, "precision_by_strategy": precisions,
+                       "device_by_strategy": devices, "strategies": out, "lite_clip_acc1": zs,
                        "halving_budget": ADAPTIVE_EVALS // 4, "halving_tenth_budget": ADAPTIVE_EVALS // 10,
                        "halving_window_t_range": list(clfs["halving_window"].t_range) if "halving_window" in clfs else None,
                        "halving_window_chosen_by": "benchmarks/results/diffusion_timesteps.json (CIFAR-10 train images)",
@@ -200,14 +206,14 @@ def report(clfs: dict, ds, keys, model, tmpl) -> None:
 
 def main() -> None:
     ds = load_dataset(shared_dir() / "data/cifar10/test-000000.tar.gz", limit=N)
-    clfs = strategies(load_model("builtin:tiny-diffusion-cifar10"))
+    clfs = strategies(load_model("builtin:tiny-diffusion-cifar10", device=DEVICE))
     model = clfs["fixed"].model
     clfs["fixed_fp32"] = DiffusionClassifier(model, "fixed", loss="l1", n_samples=50, precision="fp32")
     x, y, keys = image_tensors(ds, model.image_size)
     tmpl = default_templates(model)
     if os.environ.get("DIFFUSION_REPORT") != "1":
         cond = clfs["fixed"].prompt_embeddings(ds.classnames, tmpl)  # depends on the model only: shared
-        run(clfs, x, y, keys, cond, model.meta["sha"])
+        run(clfs, x, y, keys, cond.to(model.device), model.meta["sha"])
     if SHARDS == 1 or os.environ.get("DIFFUSION_REPORT") == "1":
         report(clfs, ds, keys, model, tmpl)
 
