@@ -53,9 +53,12 @@ def min_snr_of(name: str) -> float | None:
 
 def train(name: str) -> Path:
     """Train the shipped weights STEPS further with this recipe (resumes); the exported EMA weights."""
-    out = RUNS / f"{name}-seed{SEED}"
-    train_diffusion(str(shared_dir() / DATA), out, steps=STEPS, seed=SEED, init="builtin", min_snr=min_snr_of(name),
-                    device=DEVICE, precision=PRECISION, export=out / "model.safetensors")
+    out, gamma = RUNS / f"{name}-seed{SEED}", min_snr_of(name)
+    # the CLI call that is this run (the export's provenance; rerun with this --out, it resumes and exports the same)
+    command = (f"conceptlens train diffusion --data '../shared/{DATA}' --out {out} --steps {STEPS} --seed {SEED} "
+               f"--init builtin{f' --min-snr {gamma:g}' if gamma else ''} --device {DEVICE} --precision {PRECISION}")
+    train_diffusion(str(shared_dir() / DATA), out, steps=STEPS, seed=SEED, init="builtin", min_snr=gamma,
+                    device=DEVICE, precision=PRECISION, export=out / "model.safetensors", command=command)
     return out / "model.safetensors"
 
 
