@@ -11,7 +11,9 @@ compares every strategy on the same images. DIFFUSION_N images (default 500); DI
 images with index % k == i (start k processes to use k cores; `DIFFUSION_REPORT=1` only writes the report).
 The denoiser runs under DIFFUSION_PRECISION (default bf16 autocast, 2x faster on a CPU with native bf16; each log
 record names its precision) on DIFFUSION_DEVICE (default cpu; e.g. cuda: records name a device other than the CPU,
-and the report gives each strategy's devices, since seconds per image are only comparable on one); the first 20
+and the report gives each strategy's devices, since seconds per image are only comparable on one);
+DIFFUSION_MODEL=FILE measures a denoiser file not shipped yet (diffusion_training.py's choice) under its own sha in
+the same log and reports it as diffusion_candidate.json; the first 20
 images are also classified with `fixed` in fp32 to show that bf16 does
 not change predictions. DIFFUSION_ONLY=a,b runs only those strategies: on the images adaptive has done, or, when
 adaptive is one of them, on every image. The report gives each strategy over the images it has done and each
@@ -23,16 +25,19 @@ from __future__ import annotations
 import json
 import os
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from common import RESULTS, read_input, save, shared_dir, table_text
+from provenance import INPUTS
 from conceptlens.eval import zeroshot
 from conceptlens.data import load_dataset
 from conceptlens.diffusion.classifier import PRESETS, DiffusionClassifier, default_templates, image_tensors
 from conceptlens.features import embed
 from conceptlens.models import load_model
+from conceptlens.models.denoisers import load_tiny_diffusion
 
 N = int(os.environ.get("DIFFUSION_N", "500"))
 SHARD, SHARDS = (int(v) for v in os.environ.get("DIFFUSION_SHARD", "0/1").split("/"))
@@ -43,6 +48,9 @@ LOG = RESULTS / "diffusion_per_image.jsonl"
 PRECISION = os.environ.get("DIFFUSION_PRECISION", "bf16")  # the logged runs: bf16 on a CPU with native kernels
 ONLY = [s for s in os.environ.get("DIFFUSION_ONLY", "").split(",") if s]  # run only these strategies
 DEVICE = os.environ.get("DIFFUSION_DEVICE", "cpu")
+# a denoiser file not yet shipped (e.g. diffusion_training.py's choice): logged under its sha, reported apart
+CANDIDATE = os.environ.get("DIFFUSION_MODEL")
+OUT = "diffusion_candidate" if CANDIDATE else "diffusion"
 # the denoiser was trained, and the logged runs conditioned, on sentence-transformers' MiniLM embeddings
 os.environ.setdefault("CONCEPTLENS_TEXT_BACKEND", "torch")
 
@@ -165,6 +173,19 @@ def report(clfs: dict, ds, keys, model, tmpl) -> None:
     print(f"adaptive - lite-clip on {len(ad_ok)} images: {vs_lite['adaptive_minus_lite_clip_acc1']:+.4f} "
           f"(95% CI {vs_lite['ci95'][0]:+.3f}..{vs_lite['ci95'][1]:+.3f})")
     print(f"fixed: bf16 vs fp32 same prediction on {len(chk)} images: {agree}")
+    vs_shipped = {}
+    if CANDIDATE:  # each strategy against itself with the shipped denoiser, paired over the images both have
+        shipped = read_log(load_tiny_diffusion().meta["sha"], keys, clfs)
+        for name in names:
+            both = [k for k in have[name] if (name, k) in shipped]
+            if both:
+                c, s = (np.array([d[(name, k)]["pred"] == d[(name, k)]["label"] for k in both], dtype=float)
+                        for d in (done, shipped))
+                vs_shipped[name] = {"n_images": len(both), "acc1": float(c.mean()), "shipped_acc1": float(s.mean()),
+                                    "minus_shipped_acc1": float(c.mean() - s.mean()), "ci95": paired_bootstrap(c, s)}
+                v = vs_shipped[name]
+                print(f"{name}: candidate - shipped on {len(both)} images: {v['minus_shipped_acc1']:+.4f} "
+                      f"(95% CI {v['ci95'][0]:+.3f}..{v['ci95'][1]:+.3f}; shipped {v['shipped_acc1']:.4f})")
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -178,7 +199,8 @@ def report(clfs: dict, ds, keys, model, tmpl) -> None:
     ax.minorticks_off()
     ax.set_xlabel("denoiser evaluations per image")
     ax.set_ylabel("accuracy (chance 0.1)")
-    ax.set_title(f"CIFAR-10 test, {model.name} (images in brackets)", fontsize=10)
+    shown = f"not shipped: {CANDIDATE} ({model.meta['sha']})" if CANDIDATE else model.name
+    ax.set_title(f"CIFAR-10 test, {shown} (images in brackets)", fontsize=9)
     ax.legend(fontsize=8, loc="lower right")
     names_g = [n for n in names if n in gaps]
     ds_ = [gaps[n]["minus_adaptive_acc1"] for n in names_g]
@@ -191,22 +213,27 @@ def report(clfs: dict, ds, keys, model, tmpl) -> None:
     bx.set_xlabel("accuracy minus adaptive, paired 95% interval")
     bx.set_title("each strategy against Li et al.'s adaptive on the same images", fontsize=10)
     bx.legend(fontsize=8)
-    fig.savefig(RESULTS / "diffusion.png", dpi=110, bbox_inches="tight")
+    fig.savefig(RESULTS / f"{OUT}.png", dpi=110, bbox_inches="tight")
     meta = {k: model.meta.get(k) for k in ("step", "final_loss", "command", "sha")}
-    save("diffusion", {"model": model.name, "model_meta": meta,
-                       "n_images": len(have["adaptive"]), "n_images_planned": N, "images": have["adaptive"],
-                       "templates": tmpl, "precision_by_strategy": precisions,
-                       "device_by_strategy": devices, "strategies": out, "lite_clip_acc1": zs,
-                       "halving_budget": ADAPTIVE_EVALS // 4, "halving_tenth_budget": ADAPTIVE_EVALS // 10,
-                       "halving_window_t_range": list(clfs["halving_window"].t_range) if "halving_window" in clfs else None,
-                       "halving_window_chosen_by": "benchmarks/results/diffusion_timesteps.json (CIFAR-10 train images)",
-                       "vs_adaptive": gaps, "adaptive_vs_lite_clip": vs_lite,
-                       "bf16_fp32_agreement_fixed": {"n_images": len(chk), "same_prediction": agree}})
+    save(OUT, {"model": CANDIDATE or model.name, "model_meta": meta,
+               "n_images": len(have["adaptive"]), "n_images_planned": N, "images": have["adaptive"],
+               "templates": tmpl, "precision_by_strategy": precisions,
+               "device_by_strategy": devices, "strategies": out, "lite_clip_acc1": zs,
+               "halving_budget": ADAPTIVE_EVALS // 4, "halving_tenth_budget": ADAPTIVE_EVALS // 10,
+               "halving_window_t_range": list(clfs["halving_window"].t_range) if "halving_window" in clfs else None,
+               "halving_window_chosen_by": "benchmarks/results/diffusion_timesteps.json (CIFAR-10 train images)",
+               "vs_adaptive": gaps, "adaptive_vs_lite_clip": vs_lite,
+               "bf16_fp32_agreement_fixed": {"n_images": len(chk), "same_prediction": agree}}
+               | ({"vs_shipped": vs_shipped} if CANDIDATE else {}))
 
 
 def main() -> None:
     ds = load_dataset(shared_dir() / "data/cifar10/test-000000.tar.gz", limit=N)
-    clfs = strategies(load_model("builtin:tiny-diffusion-cifar10", device=DEVICE))
+    if CANDIDATE:
+        INPUTS.add(Path(CANDIDATE).resolve())  # its source records the weights, as it records the shipped assets
+    model = (load_tiny_diffusion(CANDIDATE).to(DEVICE) if CANDIDATE
+             else load_model("builtin:tiny-diffusion-cifar10", device=DEVICE))
+    clfs = strategies(model)
     model = clfs["fixed"].model
     clfs["fixed_fp32"] = DiffusionClassifier(model, "fixed", loss="l1", n_samples=50, precision="fp32")
     x, y, keys = image_tensors(ds, model.image_size)
