@@ -193,6 +193,9 @@ def report(clfs: dict, ds, keys, model, tmpl) -> None:
     for j, o in enumerate(out):
         ax.scatter(o["evals_per_image"], o["acc1"], s=40, color=f"C{j}", label=f"{o['strategy']} ({o['n_images']})")
     ax.axhline(zs, color="grey", ls="--", label=f"lite-clip zero-shot ({len(ad_ok)})")
+    if "adaptive" in vs_shipped:
+        ax.axhline(vs_shipped["adaptive"]["shipped_acc1"], color="C1", ls=":",
+                   label=f"adaptive, shipped denoiser ({vs_shipped['adaptive']['n_images']})")
     ax.set_xscale("log")
     ticks = sorted({round(o["evals_per_image"]) for o in out})
     ax.set_xticks(ticks, [str(t) for t in ticks], fontsize=8)
