@@ -196,6 +196,7 @@ def report(clfs: dict, ds, keys, model, tmpl) -> None:
     if "adaptive" in vs_shipped:
         ax.axhline(vs_shipped["adaptive"]["shipped_acc1"], color="C1", ls=":",
                    label=f"adaptive, shipped denoiser ({vs_shipped['adaptive']['n_images']})")
+    ax.set_ylim(ax.get_ylim()[0] - 0.01, ax.get_ylim()[1])  # lines at the lowest value stay off the frame
     ax.set_xscale("log")
     ticks = sorted({round(o["evals_per_image"]) for o in out})
     ax.set_xticks(ticks, [str(t) for t in ticks], fontsize=8)
