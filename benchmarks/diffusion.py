@@ -121,6 +121,11 @@ def paired_bootstrap(a: np.ndarray, b: np.ndarray, n: int = 10_000) -> list[floa
     return [float(np.quantile(d, 0.025)), float(np.quantile(d, 0.975))]
 
 
+def hits(done: dict, name: str, keys: list[str]) -> np.ndarray:
+    """1.0 where this strategy's logged prediction is the image's label, per key."""
+    return np.array([done[(name, k)]["pred"] == done[(name, k)]["label"] for k in keys], dtype=float)
+
+
 def report(clfs: dict, ds, keys, model, tmpl) -> None:
     """Every strategy over the images it has done (a later run may extend only some strategies to more images);
     each difference to adaptive is paired over the images both have."""
@@ -138,14 +143,14 @@ def report(clfs: dict, ds, keys, model, tmpl) -> None:
         rs = [done[(name, k)] for k in have[name]]
         if not rs:
             continue
-        out.append({"strategy": name, "n_images": len(rs), "acc1": float(np.mean([r["pred"] == r["label"] for r in rs])),
+        out.append({"strategy": name, "n_images": len(rs), "acc1": float(hits(done, name, have[name]).mean()),
                     "evals_per_image": float(np.mean([r["evals"] for r in rs])),
                     "seconds_per_image": float(np.mean([r["seconds"] for r in rs]))})
         rows.append([name, len(rs), f"{out[-1]['acc1']:.4f}", f"{out[-1]['evals_per_image']:.0f}",
                      f"{out[-1]['seconds_per_image']:.2f}"])
-    zs = float(np.mean([lite_pred[k] == label[k] for k in have["adaptive"]]))
     lite_ok = np.array([lite_pred[k] == label[k] for k in have["adaptive"]], dtype=float)
-    ad_ok = np.array([done[("adaptive", k)]["pred"] == label[k] for k in have["adaptive"]], dtype=float)
+    zs = float(lite_ok.mean())
+    ad_ok = hits(done, "adaptive", have["adaptive"])
     vs_lite = {"n_images": len(ad_ok), "adaptive_minus_lite_clip_acc1": float(ad_ok.mean() - lite_ok.mean()),
                "ci95": paired_bootstrap(ad_ok, lite_ok)}
     rows.append(["builtin:lite-clip zero-shot", len(have["adaptive"]), f"{zs:.4f}", "-", "-"])
@@ -155,8 +160,7 @@ def report(clfs: dict, ds, keys, model, tmpl) -> None:
         both = [k for k in have[name] if k in label] if name != "adaptive" else []
         if not both:
             continue
-        ha = np.array([done[(name, k)]["pred"] == label[k] for k in both], dtype=float)
-        ad = np.array([done[("adaptive", k)]["pred"] == label[k] for k in both], dtype=float)
+        ha, ad = hits(done, name, both), hits(done, "adaptive", both)
         evals = float(np.mean([done[(name, k)]["evals"] for k in both]))
         gaps[name] = {"n_images": len(both), "acc1": float(ha.mean()), "adaptive_acc1": float(ad.mean()),
                       "minus_adaptive_acc1": float(ha.mean() - ad.mean()), "ci95": paired_bootstrap(ha, ad),
@@ -179,8 +183,7 @@ def report(clfs: dict, ds, keys, model, tmpl) -> None:
         for name in names:
             both = [k for k in have[name] if (name, k) in shipped]
             if both:
-                c, s = (np.array([d[(name, k)]["pred"] == d[(name, k)]["label"] for k in both], dtype=float)
-                        for d in (done, shipped))
+                c, s = hits(done, name, both), hits(shipped, name, both)
                 vs_shipped[name] = {"n_images": len(both), "acc1": float(c.mean()), "shipped_acc1": float(s.mean()),
                                     "minus_shipped_acc1": float(c.mean() - s.mean()), "ci95": paired_bootstrap(c, s)}
                 v = vs_shipped[name]
@@ -238,7 +241,6 @@ def main() -> None:
     model = (load_tiny_diffusion(CANDIDATE).to(DEVICE) if CANDIDATE
              else load_model("builtin:tiny-diffusion-cifar10", device=DEVICE))
     clfs = strategies(model)
-    model = clfs["fixed"].model
     clfs["fixed_fp32"] = DiffusionClassifier(model, "fixed", loss="l1", n_samples=50, precision="fp32")
     x, y, keys = image_tensors(ds, model.image_size)
     tmpl = default_templates(model)

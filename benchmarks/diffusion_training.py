@@ -62,21 +62,23 @@ def train(name: str) -> Path:
     return out / "model.safetensors"
 
 
-def score(weights: Path, x, y, cond) -> np.ndarray:
-    """1 where the model classifies an image right: fixed, SAMPLES per class, L1; per-image log (resumable)."""
+def score(weights: Path, x, y, cond) -> tuple[np.ndarray, dict]:
+    """1 where the model classifies an image right (fixed, SAMPLES per class, L1; per-image log, resumable), and the
+    model's metadata."""
     model = load_tiny_diffusion(str(weights)).to(DEVICE)
+    cond = cond.to(model.device)
     clf = DiffusionClassifier(model, "fixed", loss="l1", n_samples=SAMPLES, precision=PRECISION)
     log = RUNS / f"scores-{model.meta['sha']}-{SAMPLES}.jsonl"
     done = {r["i"]: r["pred"] for r in map(json.loads, log.read_text().splitlines())} if log.exists() else {}
     with open(log, "a") as f:
         for i in range(len(y)):
             if i not in done:
-                done[i] = int(clf.classify_one(x[i], cond.to(model.device), image_seed=i)["pred"])
+                done[i] = int(clf.classify_one(x[i], cond, image_seed=i)["pred"])
                 f.write(json.dumps({"i": i, "pred": done[i]}) + "\n")
                 f.flush()
             if (i + 1) % 20 == 0:
                 print(f"{weights.parent.name}: image {i + 1}/{len(y)}", flush=True)
-    return np.array([done[i] == int(y[i]) for i in range(len(y))], dtype=float)
+    return np.array([done[i] == int(y[i]) for i in range(len(y))], dtype=float), model.meta
 
 
 def main() -> None:
@@ -86,10 +88,10 @@ def main() -> None:
     x, y, _ = image_tensors(ds, shipped.image_size)
     cond = DiffusionClassifier(shipped, "fixed").prompt_embeddings(ds.classnames, default_templates(shipped))
     weights = {"shipped": default_path()} | {c: train(c) for c in CANDIDATES}
-    right = {name: score(w, x, y, cond) for name, w in weights.items()}
+    scored = {name: score(w, x, y, cond) for name, w in weights.items()}
+    right = {name: r for name, (r, _) in scored.items()}
     rows = {}
-    for name, w in weights.items():
-        meta = load_tiny_diffusion(str(w)).meta
+    for name, (_, meta) in scored.items():
         rows[name] = {"acc1": float(right[name].mean()), "total_step": meta.get("total_step", meta["step"]),
                       "min_snr": meta["train_config"].get("min_snr"), "sha": meta["sha"]}
         if name != "shipped":
