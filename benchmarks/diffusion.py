@@ -13,7 +13,8 @@ The denoiser runs under DIFFUSION_PRECISION (default bf16 autocast, 2x faster on
 record names its precision) on DIFFUSION_DEVICE (default cpu; e.g. cuda: records name a device other than the CPU,
 and the report gives each strategy's devices, since seconds per image are only comparable on one);
 DIFFUSION_MODEL=FILE measures a denoiser file not shipped yet (diffusion_training.py's choice) under its own sha in
-the same log and reports it as diffusion_candidate.json; the first 20
+the same log and reports it as diffusion_candidate.json; DIFFUSION_VS=SHA pairs each strategy against itself with
+another denoiser logged earlier (default: the shipped one, for a candidate); the first 20
 images are also classified with `fixed` in fp32 to show that bf16 does
 not change predictions. DIFFUSION_ONLY=a,b runs only those strategies: on the images adaptive has done, or, when
 adaptive is one of them, on every image. The report gives each strategy over the images it has done and each
@@ -50,6 +51,7 @@ ONLY = [s for s in os.environ.get("DIFFUSION_ONLY", "").split(",") if s]  # run 
 DEVICE = os.environ.get("DIFFUSION_DEVICE", "cpu")
 # a denoiser file not yet shipped (e.g. diffusion_training.py's choice): logged under its sha, reported apart
 CANDIDATE = os.environ.get("DIFFUSION_MODEL")
+VS = os.environ.get("DIFFUSION_VS")  # the sha of a denoiser logged earlier to compare with
 OUT = "diffusion_candidate" if CANDIDATE else "diffusion"
 # the denoiser was trained, and the logged runs conditioned, on sentence-transformers' MiniLM embeddings
 os.environ.setdefault("CONCEPTLENS_TEXT_BACKEND", "torch")
@@ -177,18 +179,18 @@ def report(clfs: dict, ds, keys, model, tmpl) -> None:
     print(f"adaptive - lite-clip on {len(ad_ok)} images: {vs_lite['adaptive_minus_lite_clip_acc1']:+.4f} "
           f"(95% CI {vs_lite['ci95'][0]:+.3f}..{vs_lite['ci95'][1]:+.3f})")
     print(f"fixed: bf16 vs fp32 same prediction on {len(chk)} images: {agree}")
-    vs_shipped = {}
-    if CANDIDATE:  # each strategy against itself with the shipped denoiser, paired over the images both have
-        shipped = read_log(load_tiny_diffusion().meta["sha"], keys, clfs)
+    vs, vs_sha = {}, VS or (load_tiny_diffusion().meta["sha"] if CANDIDATE else None)
+    if vs_sha:  # each strategy against itself with the other denoiser, paired over the images both have
+        other = read_log(vs_sha, keys, clfs)
         for name in names:
-            both = [k for k in have[name] if (name, k) in shipped]
+            both = [k for k in have[name] if (name, k) in other]
             if both:
-                c, s = hits(done, name, both), hits(shipped, name, both)
-                vs_shipped[name] = {"n_images": len(both), "acc1": float(c.mean()), "shipped_acc1": float(s.mean()),
-                                    "minus_shipped_acc1": float(c.mean() - s.mean()), "ci95": paired_bootstrap(c, s)}
-                v = vs_shipped[name]
-                print(f"{name}: candidate - shipped on {len(both)} images: {v['minus_shipped_acc1']:+.4f} "
-                      f"(95% CI {v['ci95'][0]:+.3f}..{v['ci95'][1]:+.3f}; shipped {v['shipped_acc1']:.4f})")
+                c, s = hits(done, name, both), hits(other, name, both)
+                vs[name] = {"n_images": len(both), "acc1": float(c.mean()), "other_acc1": float(s.mean()),
+                            "minus_other_acc1": float(c.mean() - s.mean()), "ci95": paired_bootstrap(c, s)}
+                v = vs[name]
+                print(f"{name}: this - denoiser {vs_sha} on {len(both)} images: {v['minus_other_acc1']:+.4f} "
+                      f"(95% CI {v['ci95'][0]:+.3f}..{v['ci95'][1]:+.3f}; {vs_sha} {v['other_acc1']:.4f})")
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -196,9 +198,9 @@ def report(clfs: dict, ds, keys, model, tmpl) -> None:
     for j, o in enumerate(out):
         ax.scatter(o["evals_per_image"], o["acc1"], s=40, color=f"C{j}", label=f"{o['strategy']} ({o['n_images']})")
     ax.axhline(zs, color="grey", ls="--", label=f"lite-clip zero-shot ({len(ad_ok)})")
-    if "adaptive" in vs_shipped:
-        ax.axhline(vs_shipped["adaptive"]["shipped_acc1"], color="C1", ls=":",
-                   label=f"adaptive, shipped denoiser ({vs_shipped['adaptive']['n_images']})")
+    if "adaptive" in vs:
+        ax.axhline(vs["adaptive"]["other_acc1"], color="C1", ls=":",
+                   label=f"adaptive, denoiser {vs_sha} ({vs['adaptive']['n_images']})")
     ax.set_ylim(ax.get_ylim()[0] - 0.01, ax.get_ylim()[1])  # lines at the lowest value stay off the frame
     ax.set_xscale("log")
     ticks = sorted({round(o["evals_per_image"]) for o in out})
@@ -231,7 +233,7 @@ def report(clfs: dict, ds, keys, model, tmpl) -> None:
                "halving_window_chosen_by": "benchmarks/results/diffusion_timesteps.json (CIFAR-10 train images)",
                "vs_adaptive": gaps, "adaptive_vs_lite_clip": vs_lite,
                "bf16_fp32_agreement_fixed": {"n_images": len(chk), "same_prediction": agree}}
-               | ({"vs_shipped": vs_shipped} if CANDIDATE else {}))
+               | ({"vs_denoiser": {"sha": vs_sha, "strategies": vs}} if vs_sha else {}))
 
 
 def main() -> None:

@@ -31,7 +31,8 @@ def file_digest(path: Path) -> str:
 
 def ran_files(name: str) -> list[Path]:
     """What a result came from: the benchmark scripts this process loaded, the conceptlens modules it loaded
-    (the whole package where the work ran in child processes), the shipped assets and its `read_input` files."""
+    (the whole package where the work ran in child processes), the shipped assets it asked for and its `read_input`
+    files."""
     loaded = {Path(f).resolve() for m in list(sys.modules.values()) if (f := getattr(m, "__file__", None))}
     files = ({f for f in loaded if f.parent == HERE} | {HERE / f"{name}.py", HERE / "common.py"}) - NOT_RECORDED
     files |= {f for f in INPUTS if ROOT in f.parents}
@@ -39,7 +40,8 @@ def ran_files(name: str) -> list[Path]:
         files |= {f for f in PACKAGE.rglob("*") if f.is_file() and "__pycache__" not in f.parts}
     else:
         files |= {f for f in loaded if PACKAGE in f.parents}
-        files |= {f for f in (PACKAGE / "assets").rglob("*") if f.is_file()}
+        from conceptlens.io import ASSETS_USED  # only the shipped files this process asked for
+        files |= {PACKAGE / "assets" / name for name in ASSETS_USED}
     return sorted(f for f in files if f.is_file())
 
 

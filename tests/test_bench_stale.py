@@ -45,3 +45,17 @@ def test_a_result_read_as_input_is_recorded():
         assert "benchmarks/results/lite_clip.json" in provenance.source("offline_quality")["files"]
     finally:
         provenance.INPUTS.clear()
+
+
+def test_only_the_assets_a_process_asked_for_are_recorded(monkeypatch):
+    _stale()
+    import provenance
+    from conceptlens import io
+    monkeypatch.setattr(io, "ASSETS_USED", set())
+    files = provenance.source("align_speed")["files"]
+    assert not any(f.startswith("src/conceptlens/assets/") for f in files)  # nothing asked for, nothing recorded
+    io.asset_path("")  # the folder itself is not an asset
+    io.asset_path("tiny_diffusion_cifar10.safetensors")
+    files = provenance.source("align_speed")["files"]
+    assert [f for f in files if f.startswith("src/conceptlens/assets/")] == \
+        ["src/conceptlens/assets/tiny_diffusion_cifar10.safetensors"]

@@ -63,8 +63,14 @@ def shared_dir() -> Path:
     return Path.cwd().parent / "shared"
 
 
+ASSETS_USED: set[str] = set()  # the shipped files this process asked for: a result's provenance names only these
+
+
 def asset_path(name: str) -> Path:
-    """A file shipped inside the package (`src/conceptlens/assets/NAME`)."""
+    """A file shipped inside the package (`src/conceptlens/assets/NAME`); noted in `ASSETS_USED` (NAME "" is the
+    folder)."""
+    if name:
+        ASSETS_USED.add(name)
     return Path(str(resources.files("conceptlens") / "assets" / name))
 
 
