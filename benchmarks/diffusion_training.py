@@ -73,7 +73,7 @@ def train(name: str, start_sha: str) -> Path:
     return out / "model.safetensors"
 
 
-def score(weights: Path, x, y, cond) -> tuple[np.ndarray, dict]:
+def score(name: str, weights: Path, x, y, cond) -> tuple[np.ndarray, dict]:
     """1 where the model classifies an image right (fixed, SAMPLES per class, L1; per-image log, resumable), and the
     model's metadata."""
     model = load_tiny_diffusion(str(weights)).to(DEVICE)
@@ -88,7 +88,7 @@ def score(weights: Path, x, y, cond) -> tuple[np.ndarray, dict]:
                 f.write(json.dumps({"i": i, "pred": done[i]}) + "\n")
                 f.flush()
             if (i + 1) % 20 == 0:
-                print(f"{weights.parent.name}: image {i + 1}/{len(y)}", flush=True)
+                print(f"{name}: image {i + 1}/{len(y)}", flush=True)
     return np.array([done[i] == int(y[i]) for i in range(len(y))], dtype=float), model.meta
 
 
@@ -101,7 +101,7 @@ def main() -> None:
     x, y, _ = image_tensors(ds, start.image_size)
     cond = DiffusionClassifier(start, "fixed").prompt_embeddings(ds.classnames, default_templates(start))
     weights = {"start": START} | {c.split("=")[0]: train(c, start.meta["sha"]) for c in CANDIDATES}
-    scored = {name: score(w, x, y, cond) for name, w in weights.items()}
+    scored = {name: score(name, w, x, y, cond) for name, w in weights.items()}
     right = {name: r for name, (r, _) in scored.items()}
     rows = {}
     for name, (_, meta) in scored.items():
