@@ -58,10 +58,9 @@ def train(name: str, start_sha: str) -> Path:
     file, once its metadata show it was trained from the start."""
     if "=" in name:
         path = Path(name.split("=", 1)[1])
-        init = load_tiny_diffusion(str(path)).meta.get("train_config", {}).get("init", {}).get("sha")
-        if init != start_sha:
-            raise SystemExit(f"{path} was trained from {init}, not from the start weights {start_sha}")
-        INPUTS.add(path.resolve())  # the result came from this file: its source records it
+        parent = load_tiny_diffusion(str(path)).meta.get("train_config", {}).get("init", {}).get("sha")
+        if parent != start_sha:
+            raise SystemExit(f"{path} was trained from {parent}, not from the start weights {start_sha}")
         return path
     out, gamma = RUNS / f"{name}-seed{SEED}", min_snr_of(name)
     init = "builtin" if START == default_path() else str(START)
@@ -96,11 +95,10 @@ def main() -> None:
     RUNS.mkdir(parents=True, exist_ok=True)
     ds = load_dataset(shared_dir() / DEV, limit=N)
     start = load_tiny_diffusion(str(START))  # the key score() and the report load it by: read once
-    if START != default_path():
-        INPUTS.add(START.resolve())
     x, y, _ = image_tensors(ds, start.image_size)
     cond = DiffusionClassifier(start, "fixed").prompt_embeddings(ds.classnames, default_templates(start))
     weights = {"start": START} | {c.split("=")[0]: train(c, start.meta["sha"]) for c in CANDIDATES}
+    INPUTS.update(Path(w).resolve() for w in weights.values())  # the weights scored: the source records those in the repo
     scored = {name: score(name, w, x, y, cond) for name, w in weights.items()}
     right = {name: r for name, (r, _) in scored.items()}
     rows = {}
