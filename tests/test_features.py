@@ -152,7 +152,8 @@ def test_lite_clip_samples_zero_shot_beats_chance():
 
 @pytest.mark.parametrize("name,rel,limit,floor", [
     ("imagenette", "data/imagenette/val", 300, 0.92),
-    ("cifar10", "data/cifar10/test-000000.tar.gz", 500, 0.45),
+    # the whole test set: 500 images cannot tell the padded thumbnails (0.5785) from whole-image resizing (0.5538)
+    ("cifar10", "data/cifar10/test-000000.tar.gz", None, 0.57),
     ("pacs_photo", "data/pacs/photo", 300, 0.58),
 ])
 @pytest.mark.slow

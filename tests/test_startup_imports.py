@@ -11,24 +11,33 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
-from conceptlens.models.vision import IMAGENET_MEAN, IMAGENET_STD, LITE_MEAN, LITE_STD, center_crop, imagenet_eval_transform
+from conceptlens.models.vision import (IMAGENET_MEAN, IMAGENET_STD, LITE_MEAN, LITE_STD, LITE_THUMBNAIL, center_crop,
+                                      imagenet_eval_transform)
 
 SIZES = [(500, 375), (375, 500), (256, 256), (300, 256), (256, 300), (224, 224), (64, 64), (63, 100), (100, 63),
          (32, 32), (257, 1000), (1000, 257), (225, 300), (301, 299), (64, 5000)]
 
 
-def torchvision_reference(mean, std):
-    """The pipeline as it was built on torchvision before (ResizeCrop's standard branch = Resize + CenterCrop)."""
+def torchvision_reference(mean, std, inner=None):
+    """The pipeline as it was built on torchvision before (ResizeCrop's standard branch = Resize + CenterCrop);
+    with `inner`, thumbnails resized to `inner` and padded to 224 with the mean colour (torchvision's Pad)."""
     standard = T.Compose([T.Resize(256, interpolation=T.InterpolationMode.BILINEAR, antialias=True), T.CenterCrop(224)])
+    fill = tuple(round(m * 255) for m in mean)
 
     def resize_crop(im):
-        return im.resize((224, 224), resample=2) if min(im.size) < 64 else standard(im)
+        if min(im.size) >= 64:
+            return standard(im)
+        if inner is None:
+            return im.resize((224, 224), resample=2)
+        a = (224 - inner) // 2
+        return T.Pad([a, a, 224 - inner - a, 224 - inner - a], fill=fill)(im.resize((inner, inner), resample=2))
     return T.Compose([resize_crop, T.ToTensor(), T.Normalize(mean, std)])
 
 
-@pytest.mark.parametrize("mean,std", [(LITE_MEAN, LITE_STD), (IMAGENET_MEAN, IMAGENET_STD)])
-def test_builtin_preprocessing_is_bit_identical_to_torchvision(mean, std):
-    ours, ref = imagenet_eval_transform(mean, std), torchvision_reference(mean, std)
+@pytest.mark.parametrize("mean,std,inner", [(LITE_MEAN, LITE_STD, None), (IMAGENET_MEAN, IMAGENET_STD, None),
+                                            (LITE_MEAN, LITE_STD, LITE_THUMBNAIL), (IMAGENET_MEAN, IMAGENET_STD, 208)])
+def test_builtin_preprocessing_is_bit_identical_to_torchvision(mean, std, inner):
+    ours, ref = imagenet_eval_transform(mean, std, inner=inner), torchvision_reference(mean, std, inner)
     rng = np.random.default_rng(0)
     for w, h in SIZES:
         im = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))

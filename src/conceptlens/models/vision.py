@@ -15,6 +15,7 @@ from .base import VisionTower, require
 
 # EfficientNet-Lite expects (x - 127) / 128 on 0..255 pixels: the same as Normalize(127/255, 128/255) on 0..1.
 LITE_MEAN, LITE_STD = (127 / 255,) * 3, (128 / 255,) * 3
+LITE_THUMBNAIL = 208  # thumbnails to 208 px on a 224 canvas: chosen on CIFAR-10 train (see ResizeCrop)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
@@ -87,26 +88,38 @@ def center_crop(im: Image.Image, size: int) -> Image.Image:
 
 
 class ResizeCrop:
-    """ImageNet evaluation resize (short side to `resize`, centre crop `size`); images smaller than `size`
-    than `small` (thumbnails such as CIFAR's 32 px) are resized whole to `size`, so no content is cropped away
-    (+3.8 pt zero-shot on 1,000 CIFAR-10 *train* images with lite-clip)."""
+    """ImageNet evaluation resize (short side to `resize`, centre crop `size`); images smaller than `small`
+    (thumbnails such as CIFAR's 32 px) are resized whole, so no content is cropped away (+3.8 pt zero-shot on
+    1,000 CIFAR-10 *train* images with lite-clip): to `size`, or with `inner` to `inner` px centred on a `size`
+    canvas of colour `fill` (the tower's normalisation mean: zero after normalising). An object that fills a
+    thumbnail then fills the frame as ImageNet objects do not: lite-clip with Lite0 at 208 in 224 scored +2.5 pt on
+    CIFAR-10 *train* (4,000 images of shard 0; +2.9 on 4,000 of shard 1), Flickr8k dev unchanged."""
 
-    def __init__(self, size: int = 224, resize: int = 256, small: int = 64):
-        self.size, self.resize, self.small = size, resize, small
+    def __init__(self, size: int = 224, resize: int = 256, small: int = 64, inner: int | None = None,
+                 fill: tuple[int, int, int] = (0, 0, 0)):
+        self.size, self.resize, self.small, self.inner, self.fill = size, resize, small, inner, tuple(fill)
 
     def __call__(self, im: Image.Image) -> Image.Image:
         w, h = im.size
         if min(w, h) < self.small:
-            return im.resize((self.size, self.size), resample=Image.BILINEAR)
+            if self.inner is None or self.inner >= self.size:
+                return im.resize((self.size, self.size), resample=Image.BILINEAR)
+            canvas = Image.new("RGB", (self.size, self.size), self.fill)
+            at = (self.size - self.inner) // 2
+            canvas.paste(im.convert("RGB").resize((self.inner, self.inner), resample=Image.BILINEAR), (at, at))
+            return canvas
         return center_crop(resize_short(im, self.resize), self.size)
 
     def __repr__(self) -> str:
-        return f"ResizeCrop(size={self.size}, resize={self.resize}, whole-bilinear-below={self.small})"
+        pad = f", padded-from={self.inner}, fill={self.fill}" if self.inner is not None else ""
+        return f"ResizeCrop(size={self.size}, resize={self.resize}, whole-bilinear-below={self.small}{pad})"
 
 
-def imagenet_eval_transform(mean, std, size: int = 224, resize: int = 256) -> Compose:
-    """ImageNet evaluation preprocessing (see ResizeCrop), to tensor, normalise."""
-    return Compose([ResizeCrop(size, resize), ToTensor(), Normalize(mean, std)])
+def imagenet_eval_transform(mean, std, size: int = 224, resize: int = 256, inner: int | None = None) -> Compose:
+    """ImageNet evaluation preprocessing (see ResizeCrop; thumbnails padded with the mean colour), to tensor,
+    normalise."""
+    fill = tuple(round(m * 255) for m in mean)
+    return Compose([ResizeCrop(size, resize, inner=inner, fill=fill), ToTensor(), Normalize(mean, std)])
 
 
 def _is(step: Callable, ours: type, name: str) -> bool:
@@ -234,7 +247,8 @@ def efficientnet_lite0(layer: str | None = None, random: bool = False) -> Vision
     """`builtin:efficientnet-lite0[/random]`: the 1280-d penultimate features, or a named layer's."""
     name = "builtin:efficientnet-lite0" + ("/random" if random else "")
     tower = VisionTower(name, efficientnet_lite0_module(random),
-                        imagenet_eval_transform(LITE_MEAN, LITE_STD), embed_dim=None if layer else 1280, layer=layer)
+                        imagenet_eval_transform(LITE_MEAN, LITE_STD, inner=LITE_THUMBNAIL),
+                        embed_dim=None if layer else 1280, layer=layer)
     tower.classifier = tower.module._fc  # ImageNet-1k head: the supervised reference and lite-clip's targets
     return tower
 
