@@ -15,14 +15,18 @@ from conceptlens.train.lite_clip import HYPER, cupl_texts, recipe_precision, tra
 from conftest import shared
 
 
-def test_head_training_is_deterministic_for_a_seed():
+def toy_head_inputs(rng: np.random.Generator) -> tuple:
+    """(tensors, meta, image views, caption embeddings, owner): the shipped anchors, random 64-image / 128-caption data."""
     m = load_model("builtin:lite-clip")
     tensors = {"keys": m.head.keys[:3000].half(), "node_of": m.head.node_of[:3000], "nodes": m.head.nodes.half()}
     meta = {"hyper": {"topk": 8, "temperature": 0.02}}
-    rng = np.random.default_rng(0)
     views = [torch.from_numpy(rng.random((64, 1280), dtype=np.float32)) for _ in range(2)]
     text = torch.nn.functional.normalize(torch.from_numpy(rng.normal(size=(128, 384)).astype(np.float32)), dim=1)
-    owner = np.repeat(np.arange(64), 2)
+    return tensors, meta, views, text, np.repeat(np.arange(64), 2)
+
+
+def test_head_training_is_deterministic_for_a_seed():
+    tensors, meta, views, text, owner = toy_head_inputs(np.random.default_rng(0))
     hp = dict(HYPER, epochs=3, batch_size=16)
     a = train_head(tensors, meta, views, text, owner, hp, seed=1).state_dict()
     b = train_head(tensors, meta, views, text, owner, hp, seed=1).state_dict()
@@ -37,13 +41,8 @@ def test_cupl_sentences_carry_their_imagenet_class_and_steer_the_head():
     assert cls.min() >= 0 and cls.max() < 1000 and not {657, 744, 836, 837} & set(cls.tolist())
     goldfish = [t for t, c in zip(texts, cls) if c == 1]  # ImageNet class 1
     assert "a photo of a goldfish." in goldfish and sum("orange" in t for t in goldfish) > 5
-    m = load_model("builtin:lite-clip")
-    tensors = {"keys": m.head.keys[:3000].half(), "node_of": m.head.node_of[:3000], "nodes": m.head.nodes.half()}
-    meta = {"hyper": {"topk": 8, "temperature": 0.02}}
     rng = np.random.default_rng(0)
-    views = [torch.from_numpy(rng.random((64, 1280), dtype=np.float32)) for _ in range(2)]
-    text = torch.nn.functional.normalize(torch.from_numpy(rng.normal(size=(128, 384)).astype(np.float32)), dim=1)
-    owner = np.repeat(np.arange(64), 2)
+    tensors, meta, views, text, owner = toy_head_inputs(rng)
     hp = dict(HYPER, epochs=2, batch_size=16)
     described = (torch.nn.functional.normalize(torch.from_numpy(rng.normal(size=(40, 384)).astype(np.float32)), dim=1),
                  torch.arange(40) % 5)
