@@ -17,24 +17,40 @@ def test_caption_concepts_are_lemmatised_content_words_and_phrases():
     assert "tall green grass" in phrases
 
 
-def test_contrastive_step_removes_a_spurious_shared_concept():
+@pytest.mark.parametrize("scoring", ["share", "reference"])
+def test_contrastive_step_removes_a_spurious_shared_concept(scoring):
     caps = ["a dog sitting on the grass", "a brown dog on grass", "a cat sitting on the grass", "a red car"]
     bank = CaptionBankIndex(caps, torch.eye(4))
     high = torch.tensor([[1.0, 0.9, 0.0, 0.0], [0.9, 1.0, 0.0, 0.0]])  # dog crops, on grass
     low = torch.tensor([[0.0, 0.0, 1.0, 0.0]])  # a counterfactual: grass without a dog
-    w, p, _ = concept_scores(bank, high, k=2)
-    lw, lp, _ = concept_scores(bank, low, k=2)
+    w, p, _ = concept_scores(bank, high, k=2, scoring=scoring)
+    lw, lp, _ = concept_scores(bank, low, k=1, scoring=scoring)
     assert "grass" in w and "dog" in w  # without the contrastive step the spurious concept stays
-    w2, p2, removed = contrast(w, p, lw, lp, drop=0.1)
+    w2, p2, removed = contrast(w, p, lw, lp, drop=0.1, scoring=scoring)
     assert "grass" not in w2 and "dog" in w2 and "grass" in removed
+
+
+def test_share_scores_count_captions_and_subtract_the_counterfactuals_share():
+    caps = ["a dog sitting on the grass", "a brown dog on grass", "a cat sitting on the grass", "a red car"]
+    bank = CaptionBankIndex(caps, torch.eye(4))
+    high = torch.tensor([[1.0, 0.9, 0.0, 0.0], [0.9, 1.0, 0.0, 0.0]])
+    w, _, _ = concept_scores(bank, high, k=2)
+    assert w["dog"] == pytest.approx(1.0) and w["brown"] == pytest.approx(0.5) and w["sit"] == pytest.approx(0.5)
+    ref, _, _ = concept_scores(bank, high, k=2, scoring="reference")  # the best caption probability instead
+    assert ref["dog"] == pytest.approx(1.0, abs=0.01) and ref["brown"] < 0.6
+    w2, _, removed = contrast({"dog": 1.0, "sit": 0.5, "grass": 1.0}, {}, {"sit": 0.5, "grass": 0.25}, {})
+    assert w2 == pytest.approx({"dog": 1.0, "grass": 0.75}) and removed == ["sit"]
+    with pytest.raises(ConceptlensError, match="unknown scoring 'best'"):
+        concept_scores(bank, high, scoring="best")
 
 
 def test_equal_scores_rank_alphabetically_and_removals_are_sorted():
     # one caption carries several concepts, so ties are common; their order must not follow string hashing
     assert ranked({"state": 0.6, "carp": 0.6, "pond": 0.1, "common": 0.6}, 3) == [("carp", 0.6), ("common", 0.6),
                                                                                  ("state", 0.6)]
-    _, _, removed = contrast({"zebra": 1.0, "ant": 1.0}, {}, {"zebra": 0.5, "ant": 0.5}, {}, drop=0.1)
-    assert removed == ["ant", "zebra"]
+    for scoring in ("share", "reference"):
+        _, _, removed = contrast({"zebra": 1.0, "ant": 1.0}, {}, {"zebra": 1.0, "ant": 1.0}, {}, scoring=scoring)
+        assert removed == ["ant", "zebra"]
 
 
 def test_thresholds_groups_and_bad_input():
@@ -57,11 +73,14 @@ def test_thresholds_groups_and_bad_input():
         CaptionBankIndex([], torch.zeros(0, 4)).top_captions(torch.ones(1, 4))
     with pytest.raises(ConceptlensError, match="unknown view 'zoom'"):
         run_falcon(None, None, None, features=[3], view="zoom")
+    with pytest.raises(ConceptlensError, match="unknown scoring 'max'"):
+        run_falcon(None, None, None, features=[3], scoring="max")
 
 
 def test_explain_cli(tmp_path, image_folder, capsys):
-    bank = tmp_path / "bank.txt"
-    bank.write_text("a red square on a table\na blue square in the sky\na bright red wall\nthe deep blue sea\n")
+    bank = tmp_path / "bank.txt"  # more captions than the 5 kept per crop, so the share of them can differ
+    bank.write_text("a red square on a table\na blue square in the sky\na bright red wall\nthe deep blue sea\n"
+                    "a green tree in a field\na yellow taxi on the street\na white cat asleep\nan old brick house\n")
     rc = main(["explain", "--model", "builtin:mobilenetv2", "--data", str(image_folder), "--features", "3,5",
                "--top-n", "4", "--captions", str(bank), "--generate", "--report", str(tmp_path / "rep")])
     assert rc == 0 and (tmp_path / "rep" / "index.html").exists()
@@ -69,8 +88,10 @@ def test_explain_cli(tmp_path, image_folder, capsys):
     assert "generated description" in html and "(each Grad-CAM crop with its whole image as context)" in html
     res = json.loads((tmp_path / "rep" / "explanations.json").read_text())["explanations"]
     assert len(res) == 1 and res[0]["features"] == [3, 5] and res[0]["n_high"] == 4 and res[0]["view"] == "context"
+    assert res[0]["scoring"] == "share"
     assert res[0]["generated"] and "generated: " in capsys.readouterr().out  # the shipped lite-clip decoder wrote it
-    bank_words = {"red", "square", "table", "blue", "sky", "bright", "wall", "deep", "sea"}
+    bank_words = {"red", "square", "table", "blue", "sky", "bright", "wall", "deep", "sea", "green", "tree", "field",
+                  "yellow", "taxi", "street", "white", "cat", "asleep", "old", "brick", "house"}
     assert res[0]["words"] and {w["concept"] for w in res[0]["words"]} <= bank_words
     assert main(["explain", "--model", "builtin:mobilenetv2", "--data", str(image_folder), "--features", "5000",
                  "--captions", str(bank)]) == 2
@@ -84,7 +105,8 @@ def test_transfer_explains_another_space_through_an_aligner(tmp_path, image_fold
     assert main(["align", "--source", "builtin:efficientnet-lite0", "--target", "builtin:mobilenetv2",
                  "--data", str(image_folder), "--out", str(al)]) == 0
     rc = main(["explain", "--model", "builtin:mobilenetv2", "--data", str(image_folder), "--features", "7",
-               "--transfer", str(al), "--top-n", "3", "--view", "crop", "--captions", str(bank), "--report", str(tmp_path / "r")])
+               "--transfer", str(al), "--top-n", "3", "--view", "crop", "--scoring", "reference", "--captions", str(bank),
+               "--report", str(tmp_path / "r")])
     assert rc == 0 and "via b_to_a.safetensors (held-out R2" in capsys.readouterr().out
     assert main(["explain", "--model", "builtin:efficientnet-lite0", "--data", str(image_folder), "--features", "7",
                  "--transfer", str(al), "--captions", str(bank)]) == 2

@@ -21,6 +21,10 @@ def register(sub) -> None:
     p.add_argument("--view", default="context", choices=["context", "crop", "whole"],
                    help="what is captioned: Grad-CAM crop with its whole image as context (default), the crop alone "
                         "(the FALCON reference), or the whole image")
+    p.add_argument("--scoring", default="share", choices=["share", "reference"],
+                   help="concept score: share of each image's top captions naming it, minus its share on the "
+                        "counterfactuals (default), or the FALCON reference's best caption probability with its 0.1 "
+                        "contrastive cut")
     p.add_argument("--transfer", help="aligner B->M: explain --features of space B through its map into --model's space")
     p.add_argument("--generate", action="store_true", help="also write a sentence per explanation (DeCap text decoder)")
     p.add_argument("--decoder", help="text decoder file (default: the one shipped for --vl-model's text tower)")
@@ -42,12 +46,14 @@ def explain(a) -> None:
     model, vl = model_of(a), load_on_device(a, a.vl_model)
     res = run_falcon(model, ds, vl, features=features, directions=directions, top_groups=a.top_groups,
                      transfer=a.transfer, banks=a.captions.split(","), k=a.threshold_std, top_n=a.top_n,
-                     view=a.view, embed_kw=embed_kwargs(a), generate=a.generate, decoder=a.decoder)
+                     view=a.view, embed_kw=embed_kwargs(a), generate=a.generate, decoder=a.decoder,
+                     scoring=a.scoring)
     if a.top_groups and len(res) < a.top_groups:
         print(f"{len(res)} groups, not {a.top_groups}: the features form only {len(res)} groups with highly "
               "activating images")
     for r in res:
-        print(f"{r['name']} ({r['n_high']} images): words: {', '.join(w['concept'] for w in r['words'])}")
+        words = ", ".join(w["concept"] for w in r["words"]) or "none left by the contrastive step"
+        print(f"{r['name']} ({r['n_high']} images): words: {words}")
         print(f"    phrases: {', '.join(p['concept'] for p in r['phrases'])}")
         if r["generated"]:
             print(f"    generated: {r['generated']}")
