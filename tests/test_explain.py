@@ -114,8 +114,9 @@ def test_transfer_explains_another_space_through_an_aligner(tmp_path, image_fold
 
 @pytest.mark.slow
 def test_known_directions_floor_on_a_cifar10_subset():
-    """Floor for benchmarks/falcon.py (CIFAR-10 test: 5 of 10 with the default context view): probe directions of
-    mobilenetv2 (3,000 train images) explained over 2,000 test images, a class word in the top 3 (4 measured)."""
+    """Floor for benchmarks/falcon.py (CIFAR-10 test: 6 of 10 with the default context view and share scoring): probe
+    directions of mobilenetv2 (3,000 train images) explained over 2,000 test images, a class word in the top 3 (7
+    measured; 6 with the reference's scoring)."""
     import sys
     from pathlib import Path
 
@@ -138,4 +139,4 @@ def test_known_directions_floor_on_a_cifar10_subset():
     top3 = {name: [w["concept"] for w in explain(np.asarray(te.X), te_ds, te.keys, model, vl, bank,
                                                    direction=probe.coef_[c], top_n=20)["words"][:3]]
             for c, name in enumerate(te.classnames)}
-    assert sum(bool(set(w) & accepted_words(n)) for n, w in top3.items()) >= 3, top3
+    assert sum(bool(set(w) & accepted_words(n)) for n, w in top3.items()) >= 5, top3
