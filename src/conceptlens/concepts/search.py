@@ -2,20 +2,16 @@
 
 Each concept j is a text embedding t_j (template ensemble); image i passes "+j" when its cosine
 s_ij > mean_j + k_j·std_j and "!j" when s_ij < mean_j − k_j·std_j (the reference's thresholds; defaults
-k = 1 for +, 0 for !; write "horse:2" to set k). Images passing are ranked by Σ (s_ij − mean_j)/std_j over the
-asked-for concepts (ours: negated concepts only filter; a query of negations alone ranks by Σ −(s_ij − mean_j)/std_j).
+k = 1 for +, 0 for !; write "horse:2" to set k). Images passing are ranked by Σ ±(s_ij − mean_j)/std_j.
 A negated concept is first made partly relative to the query's asked-for concepts (ours, `partial` ρ): its
 direction t becomes t − ρ·Pᵀβ, β the least-squares regression of its scores on the positive concepts' scores
 over the collection, so "horse & !grass" does not throw out horses only because a model's grass direction
 follows horses (ρ = 0 is the reference; ρ = 1 negates only what the positives do not explain). ρ = 0.5 was
 chosen on CIFAR-10 train + Imagenette train (14 queries such as "ship & !water", 20 results each): results of
 the asked-for class with less of the negated concept than that class's mean, 154 (ρ = 0) / 174 / 220 (0.5) /
-198 / 187 (ρ = 1) of 280, with negated concepts also ranking. Ranking by the asked-for concepts alone was chosen
-on 17 such queries (10 on CIFAR-10 train-000000, 7 on Imagenette train; 20 results each): results of the asked-for
-class 277 → 300 of 340, and with less of the negated concept than that class's mean 274 → 285 (ρ = 0 / 0.25 / 0.5 /
-0.75 / 1 with it: 209 / 242 / 285 / 235 / 180, so ρ stays 0.5).
+198 / 187 (ρ = 1) of 280.
 The statistics are exact for any collection size from its mean vector and covariance (mean_j = m·t_j,
-std_j² = t_jᵀ C t_j), and the ranking score is one inner product with q = Σ ±t_j/std_j (ranking terms), so a FAISS index
+std_j² = t_jᵀ C t_j), and the ranking score is one inner product with q = Σ ±t_j/std_j, so a FAISS index
 answers the query: flat (exact) for small collections, IVF for large ones; candidates come from the index
 in growing batches and are checked against every constraint exactly.
 """
@@ -169,8 +165,7 @@ class ConceptIndex:
             mu, sd = float(self.mean @ t), float(np.sqrt(max(t @ self.cov @ t, 1e-12)))
             kk = term.k if term.k is not None else (k_neg if neg else k_pos)
             stats[(term.text, neg)] = (t, mu, sd, mu - kk * sd if neg else mu + kk * sd)
-        ranking = {key: st for key, st in stats.items() if not key[1]} or stats  # negations filter (docstring)
-        q = sum((-1 if neg else 1) * st[0] / st[2] for (_, neg), st in ranking.items()).astype(np.float32)
+        q = sum((-1 if neg else 1) * st[0] / st[2] for (_, neg), st in stats.items()).astype(np.float32)
         n, want, rows, scores = len(self.X), max(4 * k, 256), np.zeros(0, np.int64), np.zeros(0)
         while True:
             want = min(want, n)
@@ -181,7 +176,7 @@ class ConceptIndex:
                 rows = keep[:k]
                 break
             want *= 4
-        const = sum((-1 if neg else 1) * st[1] / st[2] for (_, neg), st in ranking.items())
+        const = sum((-1 if neg else 1) * st[1] / st[2] for (_, neg), st in stats.items())
         scores = self.X[rows] @ q - const
         return rows, scores
 
