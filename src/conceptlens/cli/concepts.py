@@ -17,6 +17,9 @@ def register(sub) -> None:
     p.add_argument("--method", default="ridge", choices=["ridge", "procrustes", "sgd"],
                    help="closed-form ridge, orthogonal Procrustes, or the paper's SGD recipe")
     p.add_argument("--holdout", type=float, default=0.2, help="held-out fraction for the reported metrics")
+    p.add_argument("--no-normalize", dest="normalize", action="store_false",
+                   help="fit on the raw feature rows, as the reference does (default: rows at unit length, the cosine "
+                        "geometry zero-shot and search read)")
     p.add_argument("--also", action="append", default=[], metavar="DATA",
                    help="another image set for the fit, label-free (repeatable); e.g. --also openmoji:black --also "
                         "openmoji:color: drawings teach the map the photo -> drawing direction photos never show")
@@ -71,7 +74,8 @@ def register(sub) -> None:
 def align(a) -> None:
     from ..concepts import fit
     al, meta = fit(load_on_device(a, a.source, layer=a.layer), a.target, dataset_of(a, a.data), method=a.method,
-                   holdout=a.holdout, seed=a.seed, also=[dataset_of(a, d, extra=True) for d in a.also], **embed_kwargs(a))
+                   holdout=a.holdout, seed=a.seed, also=[dataset_of(a, d, extra=True) for d in a.also],
+                   normalize=a.normalize, **embed_kwargs(a))
     al.save(Path(a.out), meta | {"command": command_line()})
     m = al.metrics_
     table([["source", "target", "method", "held-out R2", "cosine", "zero-shot agreement", "aligned acc1", "target acc1"],

@@ -20,21 +20,26 @@ from ..io import file_sha256, read_safetensors_meta, save_safetensors
 from .base import Encoder, MappedEncoder
 
 
-def affine(X, W: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Rows X [n, d_s] -> X Wᵀ + b [n, d_t] in float32 (the one place an aligner is applied)."""
+def affine(X, W: np.ndarray, b: np.ndarray, normalize: bool = False) -> np.ndarray:
+    """Rows X [n, d_s] -> X Wᵀ + b [n, d_t] in float32 (the one place an aligner is applied); with `normalize`, X's
+    rows are first scaled to unit length (a map fitted on unit rows, `Aligner(normalize=True)`)."""
     X = np.asarray(X, dtype=np.float32)
     if X.shape[-1] != W.shape[1]:
         raise ConceptlensError(f"aligner expects {W.shape[1]}-d source features, got {X.shape[-1]}-d")
+    if normalize:
+        X = X / (np.linalg.norm(X, axis=-1, keepdims=True) + 1e-12)
     out = X @ W.T
     out += b  # in place: no second [n, d_t] array
     return out
 
 
 class LinearMap:
-    """An aligner file: W [d_target, d_source], b [d_target] in safetensors + JSON metadata (never unpickled)."""
+    """An aligner file: W [d_target, d_source], b [d_target] in safetensors + JSON metadata (never unpickled).
+    `normalize` (metadata; absent in files before it existed: False): source rows go in at unit length."""
 
     def __init__(self, W: np.ndarray, b: np.ndarray, meta: dict):
         self.W, self.b, self.meta = W, b, meta
+        self.normalize = bool(meta.get("normalize", False))
 
     @classmethod
     def load(cls, path: Path | str) -> "LinearMap":
@@ -61,7 +66,7 @@ class LinearMap:
         return save_safetensors(path, {"W": torch.from_numpy(self.W), "b": torch.from_numpy(self.b)}, self.meta)
 
     def transform(self, X) -> np.ndarray:
-        return affine(X, self.W, self.b)
+        return affine(X, self.W, self.b, self.normalize)
 
 
 class AlignedModel(MappedEncoder):
@@ -100,6 +105,8 @@ class AlignedModel(MappedEncoder):
         return f"{self.base.fingerprint}-{self.map.meta.get('sha', '')}"
 
     def map_tensor(self, feats: torch.Tensor) -> torch.Tensor:
+        if self.map.normalize:
+            feats = torch.nn.functional.normalize(feats, dim=-1, eps=1e-12)
         return feats @ self._W.T + self._b
 
     def map_features(self, X) -> np.ndarray:
